@@ -21,14 +21,23 @@ class FiringTracker:
         self.tokens_counted = 0
 
     @torch.no_grad()
+    def batch_counts(self, acts: Tensor, indices: Tensor) -> Tensor:
+        """Per latent, on how many of the batch's tokens it fired; acts, indices [N, k]."""
+        fired = indices[acts > self.threshold]
+        return torch.bincount(fired, minlength=self.tokens_since_fired.numel())
+
+    @torch.no_grad()
     def update(self, acts: Tensor, indices: Tensor) -> None:
         """acts, indices [N, k]: the active latents of a batch of N tokens."""
-        fired = indices[acts > self.threshold]
-        counts = torch.bincount(fired, minlength=self.tokens_since_fired.numel())
+        self.update_counts(self.batch_counts(acts, indices), acts.shape[0])
+
+    @torch.no_grad()
+    def update_counts(self, counts: Tensor, tokens: int) -> None:
+        """Add firing counts gathered elsewhere (e.g. summed over data-parallel ranks) for `tokens` tokens."""
         self.fire_counts += counts
-        self.tokens_since_fired += acts.shape[0]
+        self.tokens_since_fired += tokens
         self.tokens_since_fired[counts > 0] = 0
-        self.tokens_counted += acts.shape[0]
+        self.tokens_counted += tokens
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.window_tokens
