@@ -3,41 +3,130 @@
 Shapes follow FIELD-NOTES: W_enc [M, d], b_enc [M], W_dec [M, d] (rows are dictionary directions), b_dec [d].
 The decoder is used through its row-normalised form, so every direction has unit norm whatever the optimizer
 (or DeepSpeed's master copy of the weights) does to the raw rows, and the gradient reaching a raw row has its
-component parallel to that row removed (d(w/|w|)/dw = (I - ŵŵᵀ)/|w|).
+component parallel to that row removed (d(w/|w|)/dw = (I - ŵŵᵀ)/|w|). No in-place renormalisation after the
+optimizer step is ever needed, and for TopK-style dictionaries the norms are taken over the touched rows only.
+
+Architectures (one shared encoder/decoder core; the piece that differs is the activation and the penalty):
+- `topk` (Gao et al.): z = TopK(ReLU(W_enc(x − b_dec) + b_enc)); AuxK on dead latents.
+- `batchtopk` (arXiv 2412.06410): keep the top N·k pre-activations of the whole batch; an inference threshold
+  θ (EMA of the smallest kept activation) is a buffer and is exported as a JumpReLU threshold. Selection is
+  exact as long as no token holds more than `batchtopk_row_cap` (default 4k) of the batch's top N·k: the
+  share of tokens at that cap is reported as `batchtopk_capped_rows`.
+- `jumprelu` (arXiv 2407.14435): f = z·H(z − θ), θ = exp(log_threshold) per latent, straight-through threshold
+  gradients with a rectangle kernel; loss FVU + λ·L0 with λ warmed up linearly over `sparsity_warmup` of
+  training. The paper's ε = 0.001 and θ₀ = 0.001 assume inputs of unit mean squared norm; here they are
+  multiplied by the RMS norm of the centred initialization sample (`input_scale` buffer) instead of
+  rescaling the inputs.
+- `relu` (the original, with Anthropic's April 2024 update): f = ReLU(W_enc(x − b_dec) + b_enc), raw decoder
+  rows, loss FVU + λ·Σ f_i‖W_dec,i‖ / RMS(x) (decoder norms in the penalty so that shrinking the encoder and
+  growing the decoder does not cheat it; divided by the batch RMS so that λ does not depend on the scale of
+  the activations). Exported with the norms folded into the encoder (unit decoder rows, same function).
+
+TopK and BatchTopK run on the sparse kernels of `trainers.kernels` (no N×M matrix); JumpReLU and ReLU are
+dense by nature during training (their activations are not k-sparse and the threshold gradient needs every
+pre-activation near θ), so they use plain dense products and suit smaller dictionaries.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from trainers.init import geometric_median, random_unit_rows
+from trainers.init import decoder_bias, principal_subspace, random_unit_rows, subspace_unit_rows
+from trainers.kernels import jumprelu, sparse_decode, step, topk_encode
+
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
+INITIALIZATIONS = ("subspace", "random")
 
 
 @dataclass(frozen=True)
 class SAEConfig:
     d_in: int
     latents: int
-    k: int
+    k: int = 32
     architecture: str = "topk"
     auxk_alpha: float = 1 / 32
     k_aux: int | None = None  # None: d_in // 2, the common heuristic
+    initialization: str = "subspace"
+    variance_share: float = 0.99
+    subspace_rank: int | None = None  # explicit rank; wins over variance_share
+    b_dec_init: str = "geometric_median"
+    l1_coefficient: float = 0.02  # relu
+    l0_coefficient: float = 0.002  # jumprelu
+    sparsity_warmup: float = 0.1  # fraction of training over which the L1/L0 coefficient ramps up from 0
+    jumprelu_bandwidth: float = 0.001  # ε, in units of the input scale
+    jumprelu_init_threshold: float = 0.001  # θ₀, in units of the input scale
+    batchtopk_row_cap: int | None = None  # None: 4·k
+    batchtopk_threshold_lr: float = 0.01  # EMA rate of the inference threshold (as SAELens)
+    encoder_chunk: int = 8192  # latents per encoder chunk (memory O(N·chunk))
+    sparse_grads: bool = False  # W_enc/W_dec grads as sparse COO (torch.optim.SparseAdam); not for DeepSpeed
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}; got {self.architecture!r}")
+        if self.initialization not in INITIALIZATIONS:
+            raise ValueError(f"initialization must be one of {INITIALIZATIONS}; got {self.initialization!r}")
+        if self.d_in <= 0 or self.latents <= 0:
+            raise ValueError(f"d_in and latents must be positive; got {self.d_in}, {self.latents}")
+        if self.uses_k and not 0 < self.k <= self.latents:
+            raise ValueError(f"k must be in 1..latents ({self.latents}); got {self.k}")
+        if self.encoder_chunk <= 0:
+            raise ValueError(f"encoder_chunk must be positive; got {self.encoder_chunk}")
+
+    @property
+    def uses_k(self) -> bool:
+        return self.architecture in ("topk", "batchtopk")
+
+    @property
+    def uses_auxk(self) -> bool:
+        return self.uses_k and self.auxk_alpha > 0
 
     @property
     def effective_k_aux(self) -> int:
         return min(self.k_aux if self.k_aux is not None else self.d_in // 2, self.latents)
 
+    @property
+    def row_cap(self) -> int:
+        cap = self.batchtopk_row_cap if self.batchtopk_row_cap is not None else 4 * self.k
+        return min(max(cap, self.k), self.latents)
+
+
+def sae_config_from_spec(dictionary: Mapping[str, Any], d_in: int, **overrides: Any) -> SAEConfig:
+    """SAEConfig from a `DictionarySpec.model_dump()` (latents already resolved to an int).
+
+    Keys that are not SAEConfig fields (name, hook, lr, expansion_factor, dead_window_tokens, ...) belong to
+    the loop and are ignored; None means "the default". `overrides` (e.g. sparse_grads) win.
+    """
+    names = {f.name for f in fields(SAEConfig)} - {"d_in"}
+    kwargs = {key: value for key, value in dictionary.items() if key in names and value is not None}
+    kwargs.update(overrides)
+    if not isinstance(kwargs.get("latents"), int):
+        raise ValueError(f"dictionary['latents'] must be resolved to an int; got {dictionary.get('latents')!r}")
+    return SAEConfig(d_in=d_in, **kwargs)
+
 
 @dataclass
 class SAEOutput:
     x_hat: Tensor  # [N, d]
-    latent_acts: Tensor  # [N, k] values of the active latents
-    latent_indices: Tensor  # [N, k] their indices
+    latent_acts: Tensor  # [N, k'] values of the active latents (dense archs: [N, M])
+    latent_indices: Tensor  # [N, k'] their indices (dense archs: an expanded arange, no memory)
     fvu: Tensor  # scalar: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
     auxk_loss: Tensor  # scalar, 0 when no latent is dead
-    loss: Tensor  # fvu + auxk_alpha * auxk_loss
+    loss: Tensor  # fvu + auxk_alpha * auxk_loss + sparsity_coefficient * sparsity_loss
+    sparsity_loss: Tensor | None = None  # relu: normalized weighted L1; jumprelu: L0 (mean active per token)
+    sparsity_coefficient: float = 0.0  # the warmed-up coefficient applied this step
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # extra scalars to log (0-dim tensors)
+
+
+def sae_config_from_spec(dictionary: dict, d_in: int) -> SAEConfig:
+    """The SAEConfig of a JobSpec dictionary (DictionarySpec.model_dump() with `latents` resolved)."""
+    fields = {name: dictionary[name] for name in ("architecture", "k", "auxk_alpha", "k_aux") if name in dictionary}
+    return SAEConfig(d_in=d_in, latents=dictionary["latents"], **fields)
 
 
 def unit_rows(weight: Tensor) -> Tensor:
@@ -49,69 +138,156 @@ def variance_denominator(x: Tensor) -> Tensor:
 
 
 class SparseAutoencoder(nn.Module):
-    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None, dtype=torch.float32):
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
-        if not 0 < cfg.k <= cfg.latents:
-            raise ValueError(f"k must be in 1..latents ({cfg.latents}); got {cfg.k}")
         self.cfg = cfg
-        self.W_enc = nn.Parameter(torch.zeros(cfg.latents, cfg.d_in, device=device, dtype=dtype))
-        self.b_enc = nn.Parameter(torch.zeros(cfg.latents, device=device, dtype=dtype))
-        self.W_dec = nn.Parameter(torch.zeros(cfg.latents, cfg.d_in, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
+        m, d = cfg.latents, cfg.d_in
+        self.W_enc = nn.Parameter(torch.zeros(m, d, device=device, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(m, device=device, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.zeros(m, d, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
+        if cfg.architecture == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.zeros(m, device=device, dtype=dtype))
+            self.register_buffer("input_scale", torch.ones((), device=device, dtype=torch.float32))
+        if cfg.architecture == "batchtopk":
+            self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
 
+    # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def initialize(self, sample: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
-        """b_dec = geometric median of the sample; random unit decoder rows; W_enc = W_dec at init."""
+        """b_dec from the sample; decoder rows random or in the sample's principal subspace; W_enc = W_dec."""
+        cfg = self.cfg
         sample = sample.to(self.b_dec.device, torch.float32)
-        self.b_dec.copy_(geometric_median(sample))
-        rows = random_unit_rows(self.cfg.latents, self.cfg.d_in, generator=generator)
+        b_dec = decoder_bias(sample, cfg.b_dec_init)
+        self.b_dec.copy_(b_dec)
+        info: dict[str, float] = {}
+        if cfg.initialization == "subspace":
+            basis, info = principal_subspace(sample, cfg.variance_share, cfg.subspace_rank)
+            rows = subspace_unit_rows(cfg.latents, basis.cpu(), generator=generator)
+        else:
+            rows = random_unit_rows(cfg.latents, cfg.d_in, generator=generator)
         self.W_dec.copy_(rows)
         self.W_enc.copy_(rows)
         self.b_enc.zero_()
-        return {}
+        scale = float((sample - b_dec).pow(2).sum(dim=1).mean().sqrt().clamp_min(1e-8))
+        info["input_scale"] = scale
+        if cfg.architecture == "jumprelu":
+            self.input_scale.fill_(scale)
+            self.log_threshold.fill_(math.log(cfg.jumprelu_init_threshold * scale))
+        if cfg.architecture == "batchtopk":
+            self.threshold.zero_()
+        return info
 
     def decoder_directions(self) -> Tensor:
         return unit_rows(self.W_dec)
 
-    def pre_activations(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc.T + self.b_enc
+    # ----------------------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, *, progress: float = 1.0) -> SAEOutput:
+        if self.cfg.uses_k:
+            return self._forward_sparse(x, dead_mask)
+        return self._forward_dense(x, progress)
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        acts, indices = torch.relu(self.pre_activations(x)).topk(self.cfg.k, dim=-1, sorted=False)
-        return acts, indices
+    def _forward_sparse(self, x: Tensor, dead_mask: Tensor | None) -> SAEOutput:
+        cfg = self.cfg
+        batch = cfg.architecture == "batchtopk"
+        aux_wanted = cfg.uses_auxk and self.training and dead_mask is not None and bool(dead_mask.any())
+        acts, indices, aux_acts, aux_indices = topk_encode(
+            x - self.b_dec, self.W_enc, self.b_enc, cfg.row_cap if batch else cfg.k, chunk=cfg.encoder_chunk,
+            dead_mask=dead_mask if aux_wanted else None, k_aux=cfg.effective_k_aux if aux_wanted else 0,
+            sparse_grads=cfg.sparse_grads)
+        metrics: dict[str, Tensor] = {}
+        if batch:
+            acts, metrics = self._batch_select(acts)
+        x_hat = sparse_decode(acts, indices, self.W_dec, sparse_grads=cfg.sparse_grads) + self.b_dec
+        fvu = (x - x_hat).pow(2).sum() / variance_denominator(x)
+        auxk_loss = x.new_zeros(())
+        if aux_wanted and aux_acts.shape[1] > 0:
+            # Reconstruct the residual from dead latents only; normalized by the residual's own variance (as
+            # sparsify does) so the term keeps its weight as the main FVU falls.
+            residual = (x - x_hat).detach()
+            residual_hat = sparse_decode(aux_acts, aux_indices, self.W_dec, sparse_grads=cfg.sparse_grads)
+            auxk_loss = (residual - residual_hat).pow(2).sum() / variance_denominator(residual)
+            auxk_loss = torch.nan_to_num(auxk_loss, nan=0.0, posinf=0.0)
+        loss = fvu + cfg.auxk_alpha * auxk_loss
+        return SAEOutput(x_hat, acts, indices, fvu, auxk_loss, loss, metrics=metrics)
 
-    def decode(self, acts: Tensor, indices: Tensor) -> Tensor:
-        dense = torch.zeros(acts.shape[0], self.cfg.latents, dtype=acts.dtype, device=acts.device)
-        dense.scatter_(-1, indices, acts)
-        return dense @ self.decoder_directions() + self.b_dec
+    def _batch_select(self, acts: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """BatchTopK: keep the top N·k of the batch's candidates (training) or those above θ (inference)."""
+        n = acts.shape[0]
+        with torch.no_grad():
+            if self.training:
+                flat = acts.detach().reshape(-1)
+                keep_count = min(n * self.cfg.k, flat.numel())
+                kept_values, kept = flat.topk(keep_count, sorted=False)
+                mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept, True).view_as(acts)
+                mask &= acts.detach() > 0
+                positive = kept_values[kept_values > 0]
+                if positive.numel() > 0:
+                    lr = self.cfg.batchtopk_threshold_lr
+                    self.threshold.mul_(1 - lr).add_(lr * positive.min().float())
+            else:
+                mask = acts.detach() > self.threshold.to(acts.dtype)
+            capped = mask.all(dim=1).float().mean() if acts.shape[1] > self.cfg.k else acts.new_zeros(())
+        metrics = {"batchtopk_threshold": self.threshold.detach().clone(), "batchtopk_capped_rows": capped}
+        return acts * mask, metrics
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
-        pre = self.pre_activations(x)
-        acts, indices = torch.relu(pre).topk(self.cfg.k, dim=-1, sorted=False)
-        x_hat = self.decode(acts, indices)
-        denominator = variance_denominator(x)
-        fvu = (x - x_hat).pow(2).sum() / denominator
-        auxk_loss = self._auxk_loss(x - x_hat.detach(), pre, dead_mask, denominator)
-        return SAEOutput(x_hat, acts, indices, fvu, auxk_loss, fvu + self.cfg.auxk_alpha * auxk_loss)
+    def _forward_dense(self, x: Tensor, progress: float) -> SAEOutput:
+        cfg = self.cfg
+        pre = (x - self.b_dec) @ self.W_enc.T + self.b_enc
+        warm = min(1.0, progress / cfg.sparsity_warmup) if cfg.sparsity_warmup > 0 else 1.0
+        if cfg.architecture == "relu":
+            acts = torch.relu(pre)
+            x_hat = acts @ self.W_dec + self.b_dec
+            rms = (variance_denominator(x) / x.shape[0]).sqrt().detach()
+            sparsity = (acts * self.W_dec.norm(dim=1)).sum(dim=1).mean() / rms
+            coefficient = cfg.l1_coefficient * warm
+        else:  # jumprelu
+            threshold = self.log_threshold.exp()
+            bandwidth = cfg.jumprelu_bandwidth * float(self.input_scale)
+            acts = jumprelu(pre, threshold, bandwidth)
+            x_hat = acts @ self.decoder_directions() + self.b_dec
+            sparsity = step(pre, threshold, bandwidth).sum(dim=1).mean()
+            coefficient = cfg.l0_coefficient * warm
+        fvu = (x - x_hat).pow(2).sum() / variance_denominator(x)
+        indices = torch.arange(cfg.latents, device=x.device).expand(x.shape[0], cfg.latents)
+        loss = fvu + coefficient * sparsity
+        return SAEOutput(x_hat, acts, indices, fvu, x.new_zeros(()), loss, sparsity_loss=sparsity.detach(),
+                         sparsity_coefficient=coefficient)
 
-    def _auxk_loss(self, residual: Tensor, pre: Tensor, dead_mask: Tensor | None, denominator: Tensor) -> Tensor:
-        """Reconstruct the residual from the top-k_aux pre-activations among dead latents (Gao et al.)."""
-        if dead_mask is None or not bool(dead_mask.any()):
-            return pre.new_zeros(())
-        k_aux = min(self.cfg.effective_k_aux, int(dead_mask.sum()))
-        masked = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
-        aux_acts, aux_indices = torch.relu(masked).topk(k_aux, dim=-1, sorted=False)
-        dense = torch.zeros_like(pre).scatter_(-1, aux_indices, aux_acts)
-        residual_hat = dense @ self.decoder_directions()
-        loss = (residual - residual_hat).pow(2).sum() / denominator
-        return torch.nan_to_num(loss, nan=0.0)
+    # ----------------------------------------------------------------------------------------------------------
+    def export_config(self) -> dict:
+        """The SAELens cfg entries that depend on the architecture."""
+        return {"architecture": "topk", "k": self.cfg.k}
 
     @torch.no_grad()
     def export_tensors(self) -> dict[str, Tensor]:
-        """Weights in the SAELens naming: W_enc [d, M], W_dec [M, d] (unit rows), b_enc [M], b_dec [d]."""
-        return {
-            "W_enc": self.W_enc.detach().T.contiguous().float().cpu(),
-            "W_dec": self.decoder_directions().detach().contiguous().float().cpu(),
-            "b_enc": self.b_enc.detach().float().cpu().clone(),
+        """Weights in the SAELens naming: W_enc [d, M], W_dec [M, d] (unit rows), b_enc [M], b_dec [d] (+ threshold)."""
+        W_enc, b_enc = self.W_enc.detach().float(), self.b_enc.detach().float()
+        if self.cfg.architecture == "relu":
+            # Fold the decoder norms into the encoder: ReLU(c·z) = c·ReLU(z) for c > 0, so the function is kept.
+            norms = self.W_dec.detach().float().norm(dim=1).clamp_min(1e-8)
+            W_enc, b_enc = W_enc * norms[:, None], b_enc * norms
+        tensors = {
+            "W_enc": W_enc.T.contiguous().cpu(),
+            "W_dec": self.decoder_directions().detach().float().contiguous().cpu(),
+            "b_enc": b_enc.cpu().clone(),
             "b_dec": self.b_dec.detach().float().cpu().clone(),
         }
+        if self.cfg.architecture == "jumprelu":
+            tensors["threshold"] = self.log_threshold.detach().float().exp().cpu()
+        if self.cfg.architecture == "batchtopk":
+            tensors["threshold"] = torch.full((self.cfg.latents,), float(self.threshold))
+        return tensors
+
+    def export_config(self) -> dict[str, Any]:
+        """The SAELens 6.x cfg.json entries that depend on the architecture.
+
+        SAELens has no inference `batchtopk` class: its own BatchTopK trainer saves a JumpReLU SAE whose
+        threshold is the learned global θ on every latent, and so do we.
+        """
+        arch = self.cfg.architecture
+        if arch == "topk":
+            return {"architecture": "topk", "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+        if arch in ("batchtopk", "jumprelu"):
+            return {"architecture": "jumprelu"}
+        return {"architecture": "standard"}
