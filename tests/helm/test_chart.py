@@ -281,6 +281,39 @@ def test_shm_size_follows_the_values(helm):
     assert sizes == {"ray/head": "4Gi", "ray/producers": "16Gi", "ray/trainers": "32Gi"}
 
 
+UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def _bytes(quantity: str) -> float:
+    for unit, mult in UNITS.items():
+        if quantity.endswith(unit):
+            return float(quantity[: -len(unit)]) * mult
+    return float(quantity)
+
+
+@pytest.mark.parametrize("values_file", CI_FILES)
+def test_object_store_fits_in_dev_shm(helm, values_file):
+    rc = by_kind(render(helm, values_file), "RayCluster")[0]
+    groups = [rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        shm = next(v for v in group["template"]["spec"]["volumes"] if v["name"] == "shared-mem")
+        store = int(group["rayStartParams"]["object-store-memory"])
+        assert store == int(0.8 * _bytes(shm["emptyDir"]["sizeLimit"])), group.get("groupName", "head")
+
+
+def test_object_store_override_and_decimal_sizes(helm):
+    docs = render(
+        helm,
+        None,
+        "ray.head.shmSizeLimit=1.5G",
+        "ray.workerGroups.trainers.rayStartParams.object-store-memory=1000",
+    )
+    rc = by_kind(docs, "RayCluster")[0]
+    assert rc["spec"]["headGroupSpec"]["rayStartParams"]["object-store-memory"] == "1200000000"
+    trainers = next(g for g in rc["spec"]["workerGroupSpecs"] if g["groupName"] == "trainers")
+    assert trainers["rayStartParams"]["object-store-memory"] == "1000"
+
+
 def test_gpu_groups_request_gpus(helm):
     docs = render(helm, "gpu-values.yaml")
     rc = by_kind(docs, "RayCluster")[0]

@@ -235,3 +235,27 @@ capabilities:
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Bytes in a size quantity such as 4Gi or 500M (units limited by the schema). */}}
+{{- define "saeforge.quantityBytes" -}}
+{{- $q := toString . -}}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 -}}
+{{- $n := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
+{{- $u := trimPrefix $n $q -}}
+{{- $mult := 1 -}}
+{{- if $u }}{{ $mult = index $units $u }}{{ end -}}
+{{- mulf (float64 $n) $mult | int64 -}}
+{{- end -}}
+
+{{/* `ray start` parameters of a group: the object store gets a share of the /dev/shm emptyDir, so Ray
+     keeps it in memory (it falls back to slow /tmp when /dev/shm is smaller than the store) and NCCL and
+     torch still find room there. Arg: dict root, group. */}}
+{{- define "saeforge.rayStartParams" -}}
+{{- $g := .group -}}
+{{- if not (hasKey $g.rayStartParams "object-store-memory") }}
+object-store-memory: {{ mulf (include "saeforge.quantityBytes" $g.shmSizeLimit | float64) .root.Values.ray.objectStoreShmFraction | int64 | toString | quote }}
+{{- end }}
+{{- range $k, $v := $g.rayStartParams }}
+{{ $k }}: {{ $v | toString | quote }}
+{{- end }}
+{{- end -}}
