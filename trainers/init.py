@@ -1,4 +1,9 @@
-"""Initialization of a dictionary: b_dec from the data, decoder directions, encoder = decoderᵀ."""
+"""Initialization of a dictionary: b_dec from the data, decoder directions, encoder = decoderᵀ.
+
+`subspace` (arXiv 2508.16929): activations of attention outputs occupy a low-dimensional subspace; random
+decoder directions pointing outside it never fire. So: centre a sample, take the principal directions that
+hold `variance_share` of the variance (or an explicit rank), and draw every decoder row inside their span.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,52 @@ def geometric_median(points: Tensor, iterations: int = 50, tol: float = 1e-6) ->
     return median
 
 
+def decoder_bias(sample: Tensor, method: str = "geometric_median") -> Tensor:
+    """b_dec from a sample [N, d]: `geometric_median` (Gao et al.; robust to outlier tokens) or `mean`."""
+    if method == "geometric_median":
+        return geometric_median(sample)
+    if method == "mean":
+        return sample.mean(dim=0)
+    raise ValueError(f"b_dec_init must be 'geometric_median' or 'mean'; got {method!r}")
+
+
 def random_unit_rows(rows: int, dim: int, generator: torch.Generator | None = None) -> Tensor:
     weight = torch.randn(rows, dim, generator=generator)
     return weight / weight.norm(dim=1, keepdim=True)
+
+
+def principal_subspace(sample: Tensor, variance_share: float = 0.99, rank: int | None = None
+                       ) -> tuple[Tensor, dict[str, float]]:
+    """Orthonormal basis [r, d] of the top-r principal directions of `sample` [N, d] (centred on its mean).
+
+    r = `rank` if given, else the smallest rank whose directions hold `variance_share` of the variance.
+    The covariance is eigendecomposed in float64: d×d is small, and the tail eigenvalues that decide r are
+    tiny next to the leading ones.
+    """
+    if sample.dim() != 2 or sample.shape[0] < 2:
+        raise ValueError(f"a sample [N >= 2, d] is needed for the subspace; got {tuple(sample.shape)}")
+    d = sample.shape[1]
+    if rank is not None and not 0 < rank <= d:
+        raise ValueError(f"subspace_rank must be in 1..{d} (the activation width); got {rank}")
+    if not 0.0 < variance_share <= 1.0:
+        raise ValueError(f"variance_share must be in (0, 1]; got {variance_share}")
+    centred = sample.double() - sample.double().mean(dim=0)
+    covariance = centred.T @ centred / (sample.shape[0] - 1)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    eigenvalues = eigenvalues.flip(0).clamp_min(0)
+    eigenvectors = eigenvectors.flip(1)
+    shares = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-30)
+    if rank is None:
+        rank = int(torch.searchsorted(shares, torch.tensor(variance_share, dtype=shares.dtype)).item()) + 1
+        rank = min(rank, d)
+    basis = eigenvectors[:, :rank].T.contiguous().to(sample.dtype)
+    info = {"subspace_rank": float(rank), "subspace_rank_fraction": rank / d,
+            "subspace_variance_share": float(shares[rank - 1])}
+    return basis, info
+
+
+def subspace_unit_rows(rows: int, basis: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """`rows` unit vectors with Gaussian coefficients in the span of the orthonormal `basis` [r, d]."""
+    coefficients = torch.randn(rows, basis.shape[0], generator=generator).to(basis.device, basis.dtype)
+    weight = coefficients @ basis
+    return weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)

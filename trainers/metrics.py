@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -60,3 +63,47 @@ class FiringTracker:
 def l0(acts: Tensor, threshold: float = 0.0) -> float:
     """Mean number of active latents per token."""
     return float((acts > threshold).sum(dim=-1).float().mean())
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """Fraction of variance unexplained: Σ‖x − x̂‖² / Σ‖x − x̄‖² over a batch [N, d]."""
+    denominator = (x - x.mean(dim=0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+    return float((x - x_hat).pow(2).sum() / denominator)
+
+
+def explained_variance(x: Tensor, x_hat: Tensor) -> float:
+    return 1.0 - fvu(x, x_hat)
+
+
+def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_zero_ablated: float) -> float:
+    """(CE_zero − CE_spliced) / (CE_zero − CE_clean): 1 = the reconstruction is as good as the activation."""
+    gap = ce_zero_ablated - ce_clean
+    return float("nan") if abs(gap) < 1e-12 else (ce_zero_ablated - ce_spliced) / gap
+
+
+def next_token_ce(logits: Tensor, input_ids: Tensor, exclude_first: bool = True) -> float:
+    """Mean next-token cross-entropy; the prediction made at the BOS position is excluded by default."""
+    logits, targets = logits[:, :-1].float(), input_ids[:, 1:]
+    if exclude_first:
+        logits, targets = logits[:, 1:], targets[:, 1:]
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)))
+
+
+@torch.no_grad()
+def splice_metrics(logits_of: Callable[[], Tensor], splice: Callable[[Callable[[Tensor], Tensor]], Any],
+                   reconstruct: Callable[[Tensor], Tensor], input_ids: Tensor) -> dict[str, float]:
+    """Delta LM loss and CE loss recovered with the reconstruction spliced in at the hooked site.
+
+    `logits_of()` runs the model on `input_ids` and returns logits; `splice(replace)` is a context manager
+    within which the hooked activation a [..., d] is replaced by replace(a) (services.models.splice with the
+    hook bound); `reconstruct(a)` is the dictionary's x̂ (on [..., d]). The zero-ablation baseline replaces
+    the activation by zeros. The first (BOS) position is excluded.
+    """
+    clean = next_token_ce(logits_of(), input_ids)
+    with splice(reconstruct):
+        spliced = next_token_ce(logits_of(), input_ids)
+    with splice(torch.zeros_like):
+        zero = next_token_ce(logits_of(), input_ids)
+    return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablated": zero,
+            "delta_lm_loss": spliced - clean,
+            "ce_loss_recovered": ce_loss_recovered(clean, spliced, zero)}

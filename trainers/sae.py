@@ -106,7 +106,8 @@ def sae_config_from_spec(dictionary: Mapping[str, Any], d_in: int, **overrides: 
     kwargs = {key: value for key, value in dictionary.items() if key in names and value is not None}
     kwargs.update(overrides)
     if not isinstance(kwargs.get("latents"), int):
-        raise ValueError(f"dictionary['latents'] must be resolved to an int; got {dictionary.get('latents')!r}")
+        latents = dictionary.get("latents")
+        raise ValueError(f"dictionary['latents'] must be resolved to an int; got {latents!r}")
     return SAEConfig(d_in=d_in, **kwargs)
 
 
@@ -123,12 +124,6 @@ class SAEOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)  # extra scalars to log (0-dim tensors)
 
 
-def sae_config_from_spec(dictionary: dict, d_in: int) -> SAEConfig:
-    """The SAEConfig of a JobSpec dictionary (DictionarySpec.model_dump() with `latents` resolved)."""
-    fields = {name: dictionary[name] for name in ("architecture", "k", "auxk_alpha", "k_aux") if name in dictionary}
-    return SAEConfig(d_in=d_in, latents=dictionary["latents"], **fields)
-
-
 def unit_rows(weight: Tensor) -> Tensor:
     return weight / weight.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
@@ -138,7 +133,8 @@ def variance_denominator(x: Tensor) -> Tensor:
 
 
 class SparseAutoencoder(nn.Module):
-    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.cfg = cfg
         m, d = cfg.latents, cfg.d_in
@@ -152,7 +148,7 @@ class SparseAutoencoder(nn.Module):
         if cfg.architecture == "batchtopk":
             self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
 
-    # ----------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def initialize(self, sample: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
         """b_dec from the sample; decoder rows random or in the sample's principal subspace; W_enc = W_dec."""
@@ -181,7 +177,7 @@ class SparseAutoencoder(nn.Module):
     def decoder_directions(self) -> Tensor:
         return unit_rows(self.W_dec)
 
-    # ----------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, *, progress: float = 1.0) -> SAEOutput:
         if self.cfg.uses_k:
             return self._forward_sparse(x, dead_mask)
@@ -254,17 +250,13 @@ class SparseAutoencoder(nn.Module):
         return SAEOutput(x_hat, acts, indices, fvu, x.new_zeros(()), loss, sparsity_loss=sparsity.detach(),
                          sparsity_coefficient=coefficient)
 
-    # ----------------------------------------------------------------------------------------------------------
-    def export_config(self) -> dict:
-        """The SAELens cfg entries that depend on the architecture."""
-        return {"architecture": "topk", "k": self.cfg.k}
-
+    # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def export_tensors(self) -> dict[str, Tensor]:
-        """Weights in the SAELens naming: W_enc [d, M], W_dec [M, d] (unit rows), b_enc [M], b_dec [d] (+ threshold)."""
+        """SAELens naming: W_enc [d, M], W_dec [M, d] (unit rows), b_enc [M], b_dec [d] (+ threshold)."""
         W_enc, b_enc = self.W_enc.detach().float(), self.b_enc.detach().float()
         if self.cfg.architecture == "relu":
-            # Fold the decoder norms into the encoder: ReLU(c·z) = c·ReLU(z) for c > 0, so the function is kept.
+            # Fold the decoder norms into the encoder: ReLU(c·z) = c·ReLU(z) for c > 0 keeps the function.
             norms = self.W_dec.detach().float().norm(dim=1).clamp_min(1e-8)
             W_enc, b_enc = W_enc * norms[:, None], b_enc * norms
         tensors = {

@@ -1,0 +1,254 @@
+"""Sparse kernels of a TopK-style dictionary, in plain PyTorch (CPU and CUDA), as custom autograd Functions.
+
+The cost model (FIELD-NOTES): the only unavoidable dense work is the encoder product, 2·d·M FLOPs per token.
+Everything else here touches the k selected rows per token:
+
+- `topk_encode`: the encoder, chunked over latents with a running top-k, so the N×M pre-activation matrix is
+  never held (peak extra memory O(N·(chunk + k))). Optionally also the top-k_aux pre-activations among dead
+  latents (AuxK) from the same pass. Backward: the gradients of W_enc and b_enc are sums over the selected
+  (token, latent) pairs only (an embedding_bag over latents), the input gradient is an embedding_bag over
+  tokens.
+- `sparse_decode`: x̂ = Σ_j a_j · W_dec[i_j] / ‖W_dec[i_j]‖ as one embedding_bag with per-sample weights; the
+  row norms are computed for the touched rows only, and the backward removes each touched row's parallel
+  gradient component (d(w/‖w‖)/dw = (I − ŵŵᵀ)/‖w‖) on those rows only.
+
+Both Functions return the weight gradients either dense-shaped (what DeepSpeed and torch.optim.Adam expect)
+or as sparse COO tensors holding only the touched rows (`sparse_grads=True`, for `torch.optim.SparseAdam`:
+at a million latents a dense gradient is 2.4 GB per matrix, which is the difference between fitting in
+24 GiB or not — see the README's trainer section).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Rows of the selection are narrowed through block maxima while a row is longer than this many times k:
+# torch's CPU topk costs ~2 ns per element (it copies every row into (value, index) pairs), a strided max
+# over blocks is memory-bound and ~5x cheaper, so the expensive selection only sees candidate blocks.
+_BLOCK = 8
+_NARROW_FACTOR = 16
+
+
+def topk_blockwise(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact row-wise top-k (unsorted) of `values` [N, C], cheaper than `Tensor.topk` for C ≫ k.
+
+    The columns are split into _BLOCK strided slices; the top-k elements of a row lie in the k blocks with the
+    largest maxima (a block holding one of them has a maximum ≥ the k-th value, and at most k blocks can),
+    so the selection recurses on the block maxima and finishes on k·_BLOCK gathered candidates.
+    """
+    n, c = values.shape
+    if c <= _NARROW_FACTOR * k or c % _BLOCK != 0 or n == 0:
+        return values.topk(min(k, c), dim=1, sorted=False)
+    blocks = c // _BLOCK
+    block_max = values.view(n, _BLOCK, blocks).amax(dim=1)  # element (r, j) = max over columns j + s·blocks
+    _, top_blocks = topk_blockwise(block_max, k)
+    offsets = torch.arange(_BLOCK, device=values.device) * blocks
+    columns = (top_blocks[:, :, None] + offsets).reshape(n, -1)
+    candidates = values.gather(1, columns)
+    top_values, positions = candidates.topk(k, dim=1, sorted=False)
+    return top_values, columns.gather(1, positions)
+
+
+def _merge_topk(values: Tensor, indices: Tensor, new_values: Tensor, new_indices: Tensor, k: int
+                ) -> tuple[Tensor, Tensor]:
+    values = torch.cat([values, new_values], dim=1)
+    indices = torch.cat([indices, new_indices], dim=1)
+    if values.shape[1] <= k:
+        return values, indices
+    values, positions = values.topk(k, dim=1, sorted=False)
+    return values, indices.gather(1, positions)
+
+
+def rows_weighted_sum(indices: Tensor, weights: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
+    """For every latent m touched by `indices` [N, K]: Σ_{(n, j): indices[n, j] = m} weights[n, j]·source[n].
+
+    Returns (rows [U] sorted unique latents, sums [U, d]). One embedding_bag over tokens, one bag per latent:
+    no [N·K, d] intermediate and no dense [M, d] product.
+    """
+    n, kk = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat)
+    sorted_rows = flat[order]
+    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    offsets = torch.zeros_like(counts)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    tokens = torch.div(order, kk, rounding_mode="floor")
+    sums = F.embedding_bag(tokens, source, offsets, mode="sum",
+                           per_sample_weights=weights.reshape(-1)[order].to(source.dtype))
+    return rows, sums
+
+
+def _weight_grad(rows: Tensor, values: Tensor, like: Tensor, sparse: bool) -> Tensor:
+    if sparse:
+        return torch.sparse_coo_tensor(rows[None], values, like.shape, is_coalesced=True,
+                                       check_invariants=False)
+    return torch.zeros_like(like).index_copy_(0, rows, values.to(like.dtype))
+
+
+class _TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk: int, dead_mask: Tensor | None,
+                k_aux: int, sparse_grads: bool):
+        n, m = x.shape[0], W_enc.shape[0]
+        k = min(k, m)
+        top_v = x.new_empty(n, 0)
+        top_i = torch.empty(n, 0, dtype=torch.long, device=x.device)
+        aux_v, aux_i = top_v, top_i
+        dead_rows = dead_mask.nonzero().squeeze(1) if dead_mask is not None and k_aux > 0 else None
+        buffer = None
+        for start in range(0, m, chunk):
+            stop = min(start + chunk, m)
+            width = stop - start
+            if buffer is None or buffer.shape[1] != width:
+                buffer = x.new_empty(n, width)
+            # addmm into one reused buffer: the bias add is fused and no chunk-sized tensor is reallocated.
+            pre = torch.addmm(b_enc[start:stop], x, W_enc[start:stop].T, out=buffer)
+            values, indices = topk_blockwise(pre, min(k, width))
+            top_v, top_i = _merge_topk(top_v, top_i, values, indices + start, k)
+            if dead_rows is not None:
+                lo, hi = torch.searchsorted(dead_rows, torch.tensor([start, stop], device=x.device)).tolist()
+                if hi > lo:
+                    local = dead_rows[lo:hi] - start
+                    dead_pre = pre.index_select(1, local)
+                    values, positions = topk_blockwise(dead_pre, min(k_aux, hi - lo))
+                    aux_v, aux_i = _merge_topk(aux_v, aux_i, values, local[positions] + start, k_aux)
+        # ReLU after the selection: monotone, so top-k of ReLU(pre) = ReLU(top-k of pre) (ties at 0 aside).
+        top_v = top_v.clamp_min(0)
+        aux_v = aux_v.clamp_min(0)
+        ctx.save_for_backward(x, W_enc, top_v, top_i, aux_v, aux_i)
+        ctx.sparse_grads = sparse_grads
+        ctx.mark_non_differentiable(top_i, aux_i)
+        return top_v, top_i, aux_v, aux_i
+
+    @staticmethod
+    def backward(ctx, grad_top, _grad_top_i, grad_aux, _grad_aux_i):
+        x, W_enc, top_v, top_i, aux_v, aux_i = ctx.saved_tensors
+        # The gradient reaches a pre-activation only where ReLU passed it.
+        weights = torch.cat([grad_top * (top_v > 0), grad_aux * (aux_v > 0)], dim=1)
+        indices = torch.cat([top_i, aux_i], dim=1)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, W_enc, mode="sum", per_sample_weights=weights.to(W_enc.dtype))
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            rows, sums = rows_weighted_sum(indices, weights, x)
+            grad_W = _weight_grad(rows, sums, W_enc, ctx.sparse_grads)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_enc.shape[0], dtype=weights.dtype, device=weights.device)
+            grad_b.index_add_(0, indices.reshape(-1), weights.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None, None, None, None
+
+
+def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, chunk: int = 8192,
+                dead_mask: Tensor | None = None, k_aux: int = 0, sparse_grads: bool = False
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(acts [N, k], indices [N, k], aux_acts [N, k_aux'], aux_indices [N, k_aux']) of ReLU(x W_encᵀ + b_enc).
+
+    `x` is the already-centred input (x − b_dec). acts/indices: the row-wise top-k; aux: the top-k_aux among
+    the latents of `dead_mask` (empty [N, 0] when there are none). Values are ReLU'd; order is unspecified.
+    """
+    if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
+        raise ValueError(f"x [N, d] and W_enc [M, d] expected; got {tuple(x.shape)} and {tuple(W_enc.shape)}")
+    return _TopKEncode.apply(x, W_enc, b_enc, int(k), int(chunk), dead_mask, int(k_aux), bool(sparse_grads))
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, acts: Tensor, indices: Tensor, W_dec: Tensor, normalize: bool, sparse_grads: bool):
+        rows, inverse = torch.unique(indices, return_inverse=True)
+        if normalize:
+            norms = W_dec.index_select(0, rows).norm(dim=1).clamp_min(1e-8)
+            weights = acts / norms[inverse].to(acts.dtype)
+        else:
+            norms = None
+            weights = acts
+        out = F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=weights.to(W_dec.dtype))
+        ctx.save_for_backward(acts, indices, W_dec, rows, inverse, norms)
+        ctx.normalize = normalize
+        ctx.sparse_grads = sparse_grads
+        return out.to(acts.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        acts, indices, W_dec, rows, inverse, norms = ctx.saved_tensors
+        directions = W_dec.index_select(0, rows)  # [U, d]: the touched rows only
+        if ctx.normalize:
+            directions = directions / norms[:, None]
+        grad_acts = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_acts = _rowwise_dots(directions, inverse, grad_out.to(directions.dtype)).to(acts.dtype)
+        if ctx.needs_input_grad[2]:
+            _, sums = rows_weighted_sum(indices, acts, grad_out.to(W_dec.dtype))  # same sorted rows as `rows`
+            if ctx.normalize:
+                sums = (sums - directions * (directions * sums).sum(1, keepdim=True)) / norms[:, None]
+            grad_W = _weight_grad(rows, sums, W_dec, ctx.sparse_grads)
+        return grad_acts, None, grad_W, None, None
+
+
+def _rowwise_dots(directions: Tensor, inverse: Tensor, grad: Tensor, budget: int = 1 << 23) -> Tensor:
+    """[N, K] with element (n, j) = directions[inverse[n, j]] · grad[n], in token blocks of bounded memory."""
+    n, kk = inverse.shape
+    block = max(1, budget // max(1, kk * directions.shape[1]))
+    out = grad.new_empty(n, kk)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        gathered = directions[inverse[start:stop]]  # [b, K, d]
+        out[start:stop] = torch.bmm(gathered, grad[start:stop, :, None]).squeeze(2)
+    return out
+
+
+def sparse_decode(acts: Tensor, indices: Tensor, W_dec: Tensor, *, normalize: bool = True,
+                  sparse_grads: bool = False) -> Tensor:
+    """Σ_j acts[:, j] · Ŵ_dec[indices[:, j]] → [N, d]; Ŵ = row-normalised W_dec (raw if not `normalize`)."""
+    if acts.shape != indices.shape:
+        raise ValueError(f"acts and indices must have the same shape; got {tuple(acts.shape)}, "
+                         f"{tuple(indices.shape)}")
+    if acts.shape[1] == 0:
+        return acts.new_zeros(acts.shape[0], W_dec.shape[1])
+    return _SparseDecode.apply(acts, indices, W_dec, bool(normalize), bool(sparse_grads))
+
+
+class _JumpReLU(torch.autograd.Function):
+    """f = z·H(z − θ); ∂f/∂z = H(z − θ); ∂f/∂θ = −(θ/ε)·K((z − θ)/ε); K = unit rectangle (2407.14435)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        in_window = ((z - threshold).abs() < eps / 2).to(grad.dtype)
+        grad_z = grad * (z > threshold)
+        grad_threshold = (grad * in_window * (-threshold / eps)).sum(0)
+        return grad_z, grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z − θ), straight-through ∂/∂θ = −(1/ε)·K((z − θ)/ε), no gradient to z (the L0 estimator)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, threshold: Tensor, bandwidth: float):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        in_window = ((z - threshold).abs() < eps / 2).to(grad.dtype)
+        return None, (grad * in_window * (-1.0 / eps)).sum(0), None
+
+
+def jumprelu(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    return _JumpReLU.apply(z, threshold, float(bandwidth))
+
+
+def step(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    return _Step.apply(z, threshold, float(bandwidth))
