@@ -184,7 +184,7 @@ def crd_validator(kind: str) -> jsonschema.protocols.Validator:
     if not CRD_DIR.is_dir():
         pytest.fail(f"KubeRay CRDs not found at {CRD_DIR} (shared/ must sit beside the repo)", pytrace=False)
     for path in sorted(CRD_DIR.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
+        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         if crd.get("kind") != "CustomResourceDefinition" or crd["spec"]["names"]["kind"] != kind:
             continue
         for version in crd["spec"]["versions"]:
@@ -576,3 +576,12 @@ def test_install_script_is_idempotent(helm):
     )
     assert proc.returncode == 0, proc.stderr
     assert "v4." in proc.stdout or "v3." in proc.stdout
+
+
+def test_defaults_hold_no_credentials():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["s3"]["credentials"]["accessKeyId"] == ""
+    assert values["s3"]["credentials"]["secretAccessKey"] == ""
+    assert values["api"]["auth"]["tokens"] == {}
+    assert values["api"]["database"]["url"] == ""
+    assert values["mlflow"]["backendStore"]["uri"] == ""
