@@ -219,7 +219,8 @@ class SparseAutoencoder(nn.Module):
                 mask &= acts.detach() > 0
                 positive = kept_values[kept_values > 0]
                 if positive.numel() > 0:
-                    lr = self.cfg.batchtopk_threshold_lr
+                    # The first batch sets θ outright: an EMA from 0 would take ~1/lr steps to mean anything.
+                    lr = self.cfg.batchtopk_threshold_lr if float(self.threshold) > 0 else 1.0
                     self.threshold.mul_(1 - lr).add_(lr * positive.min().float())
             else:
                 mask = acts.detach() > self.threshold.to(acts.dtype)

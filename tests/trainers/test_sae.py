@@ -1,0 +1,210 @@
+"""The dictionary: every architecture trains, TopK matches a dense reference, exports load in SAELens."""
+
+import json
+
+import pytest
+import torch
+
+from trainers.metrics import FiringTracker
+from trainers.sae import SAEConfig, SparseAutoencoder, sae_config_from_spec, unit_rows
+
+ARCHS = ["topk", "batchtopk", "jumprelu", "relu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: on 2 busy cores intra-op threading only adds contention (20x slower steps seen)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sparse_data(n=2048, d=16, atoms=48, active=3, seed=0):
+    """Tokens that are sums of a few of `atoms` random directions: a dictionary can recover them."""
+    g = torch.Generator().manual_seed(seed)
+    dictionary = unit_rows(torch.randn(atoms, d, generator=g))
+    codes = torch.zeros(n, atoms)
+    idx = torch.stack([torch.randperm(atoms, generator=g)[:active] for _ in range(n)])
+    codes.scatter_(1, idx, torch.rand(n, active, generator=g) * 2 + 0.5)
+    return codes @ dictionary + 0.3
+
+
+def make(arch, latents=64, k=4, **kw):
+    cfg = SAEConfig(d_in=16, latents=latents, k=k, architecture=arch, **kw)
+    sae = SparseAutoencoder(cfg)
+    x = sparse_data()
+    info = sae.initialize(x[:1024], torch.Generator().manual_seed(0))
+    return sae, x, info
+
+
+def test_topk_matches_dense_reference_values_and_gradients():
+    sae, x, _ = make("topk", encoder_chunk=24)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    out = sae(x[:64], dead)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    xs = x[:64]
+    pre = (xs - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    acts, idx = torch.relu(pre).topk(4, dim=1)
+    dense = torch.zeros(64, 64).scatter(1, idx, acts)
+    x_hat = dense @ unit_rows(sae.W_dec) + sae.b_dec
+    denom = (xs - xs.mean(0)).pow(2).sum()
+    fvu = (xs - x_hat).pow(2).sum() / denom
+    masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+    aux_acts, aux_idx = torch.relu(masked).topk(sae.cfg.effective_k_aux, dim=1)
+    residual = (xs - x_hat).detach()
+    residual_hat = torch.zeros(64, 64).scatter(1, aux_idx, aux_acts) @ unit_rows(sae.W_dec)
+    auxk = (residual - residual_hat).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+    loss = fvu + sae.cfg.auxk_alpha * auxk
+    loss.backward()
+    assert torch.allclose(out.x_hat, x_hat, atol=1e-5)
+    assert torch.allclose(out.auxk_loss, auxk, atol=1e-5)
+    for name, p in sae.named_parameters():
+        assert torch.allclose(got[name], p.grad, atol=1e-5), name
+
+
+def train(sae, x, steps=100, lr=5e-3):
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    tracker = FiringTracker(sae.cfg.latents, window_tokens=4096)
+    for step in range(steps):
+        batch = x[(step * 256) % x.shape[0]:][:256]
+        out = sae(batch, tracker.dead_mask(), progress=step / steps)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        tracker.update(out.latent_acts.detach(), out.latent_indices)
+    sae.eval()
+    with torch.no_grad():
+        final = sae(x)
+    sae.train()
+    return final
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_learns(arch):
+    sae, x, _ = make(arch)
+    start = float(sae(x).fvu.detach())
+    final = train(sae, x)
+    assert float(final.fvu) < 0.5 * start and float(final.fvu) < 0.4, (start, float(final.fvu))
+    l0 = float((final.latent_acts > 0).sum(1).float().mean())
+    if arch == "topk":
+        assert l0 <= 4
+    if arch == "batchtopk":
+        assert float(sae.threshold) > 0
+    if arch in ("jumprelu", "relu"):
+        assert l0 < 32, l0  # the sparsity penalty bites (half of 64 latents fire at init)
+
+
+def test_batchtopk_keeps_n_times_k_per_batch():
+    sae, x, _ = make("batchtopk")
+    out = sae(x[:100])
+    assert int((out.latent_acts > 0).sum()) == 100 * 4
+    assert out.latent_acts.shape == (100, 16)  # row cap 4k
+    assert float(sae.threshold) > 0
+
+
+def test_jumprelu_threshold_learns_and_warmup_scales_penalty():
+    sae, x, _ = make("jumprelu")
+    early = sae(x[:256], progress=0.0)
+    late = sae(x[:256], progress=0.5)
+    assert early.sparsity_coefficient == 0.0 and late.sparsity_coefficient == sae.cfg.l0_coefficient
+    before = sae.log_threshold.detach().clone()
+    train(sae, x, steps=40)
+    assert not torch.equal(before, sae.log_threshold.detach())
+
+
+def test_sparse_grads_match_dense_grads():
+    sae, x, _ = make("topk", sparse_grads=True)
+    dead = torch.rand(64) < 0.3
+    sae(x[:128], dead).loss.backward()
+    sparse = {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for n, p in sae.named_parameters()}
+    assert sae.W_enc.grad.is_sparse and sae.W_dec.grad.is_sparse
+    dense_sae = SparseAutoencoder(SAEConfig(d_in=16, latents=64, k=4))
+    dense_sae.load_state_dict(sae.state_dict())
+    dense_sae(x[:128], dead).loss.backward()
+    for name, p in dense_sae.named_parameters():
+        assert torch.allclose(sparse[name], p.grad, atol=1e-6), name
+
+
+def test_subspace_initialization_places_rows_in_the_span():
+    g = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(16, 5, generator=g)).Q.T  # 5 directions of 16
+    x = torch.randn(2000, 5, generator=g) @ basis + 0.01 * torch.randn(2000, 16, generator=g)
+    sae = SparseAutoencoder(SAEConfig(d_in=16, latents=64, k=4))
+    info = sae.initialize(x, torch.Generator().manual_seed(0))
+    assert info["subspace_rank"] == 5
+    rows = sae.W_dec.detach()
+    outside = rows - (rows @ basis.T) @ basis
+    assert float(outside.norm(dim=1).max()) < 0.05
+    assert torch.allclose(rows.norm(dim=1), torch.ones(64), atol=1e-5)
+    assert torch.equal(sae.W_enc, sae.W_dec)
+    explicit = SparseAutoencoder(SAEConfig(d_in=16, latents=64, k=4, subspace_rank=9))
+    assert explicit.initialize(x)["subspace_rank"] == 9
+
+
+def test_sae_config_from_spec_ignores_loop_fields_and_validates():
+    spec = {"name": "attn-6", "hook": None, "architecture": "jumprelu", "latents": 128, "expansion_factor": None,
+            "k": 32, "auxk_alpha": 0.03, "k_aux": None, "dead_window_tokens": 1000, "lr": None,
+            "initialization": "random", "l0_coefficient": 0.01}
+    cfg = sae_config_from_spec(spec, d_in=16)
+    assert (cfg.architecture, cfg.latents, cfg.initialization, cfg.l0_coefficient) == ("jumprelu", 128, "random", 0.01)
+    assert cfg.effective_k_aux == 8
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        sae_config_from_spec({**spec, "architecture": "gated"}, d_in=16)
+    with pytest.raises(ValueError, match="k must be in"):
+        sae_config_from_spec({**spec, "architecture": "topk", "k": 500}, d_in=16)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_keeps_the_function(arch):
+    sae, x, _ = make(arch)
+    train(sae, x, steps=20)
+    sae.eval()
+    tensors = sae.export_tensors()
+    assert torch.allclose(tensors["W_dec"].norm(dim=1), torch.ones(64), atol=1e-5)
+    xs = x[:64]
+    pre = (xs - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"]
+    cfg = sae.export_config()
+    if cfg["architecture"] == "topk":
+        acts = torch.zeros_like(pre).scatter(1, *reversed(torch.relu(pre).topk(cfg["k"], dim=1)))
+    elif cfg["architecture"] == "jumprelu":
+        acts = torch.relu(pre) * (pre > tensors["threshold"])
+    else:
+        acts = torch.relu(pre)
+    x_hat = acts @ tensors["W_dec"] + tensors["b_dec"]
+    with torch.no_grad():
+        ours = sae(xs).x_hat
+    if arch == "batchtopk":  # inference with θ differs from the training-time batch selection: compare FVU
+        assert abs(float(((xs - x_hat) ** 2).sum() / ((xs - ours) ** 2).sum()) - 1) < 0.5
+    else:
+        assert torch.allclose(x_hat, ours, atol=1e-4)
+
+
+def test_exports_load_in_saelens(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    from safetensors.torch import save_file
+
+    for arch in ARCHS:
+        sae, x, _ = make(arch)
+        train(sae, x, steps=10)
+        folder = tmp_path / arch
+        folder.mkdir()
+        save_file(sae.export_tensors(), str(folder / "sae_weights.safetensors"))
+        cfg = {"d_in": 16, "d_sae": 64, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+               "normalize_activations": "none", "reshape_activations": "none", "metadata": {},
+               **sae.export_config()}
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+        loaded = sae_lens.SAE.load_from_disk(str(folder))
+        sae.eval()
+        with torch.no_grad():
+            theirs = loaded(x[:64])
+            ours = sae(x[:64]).x_hat
+        if arch == "batchtopk":  # SAELens applies θ to every latent; ours caps candidates per row first
+            t = sae.export_tensors()
+            pre = (x[:64] - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+            ours = (torch.relu(pre) * (pre > t["threshold"])) @ t["W_dec"] + t["b_dec"]
+        assert torch.allclose(theirs, ours, atol=1e-4), arch
