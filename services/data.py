@@ -10,6 +10,8 @@ import ast
 import glob
 import hashlib
 import json
+import os
+import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,13 +24,28 @@ MIN_DOCUMENT_CHARS = 200
 
 
 def embedded_documents() -> list[str]:
+    """Cached per interpreter version: parsing the standard library takes seconds, reading the cache does not."""
+    cache = Path(os.environ.get("SAEFORGE_CACHE", Path.home() / ".cache" / "saeforge"))
+    path = cache / f"embedded-corpus-py{sys.version_info.major}.{sys.version_info.minor}-v1.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    documents = _embedded_documents()
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(documents))
+    partial.replace(path)  # atomic: concurrent producers never read a half-written cache
+    return documents
+
+
+def _embedded_documents() -> list[str]:
     from pydoc_data.topics import topics
 
     documents = [topics[key] for key in sorted(topics)]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(stdlib.rglob("*.py")):
         parts = path.relative_to(stdlib).parts
-        if parts[0] in ("site-packages", "test", "idlelib", "lib2to3") or "tests" in parts or path.name.startswith("test"):
+        skipped = parts[0] in ("site-packages", "test", "idlelib", "lib2to3") or "tests" in parts
+        if skipped or path.name.startswith("test"):
             continue
         documents.extend(_docstrings(path))
     return [doc for doc in documents if len(doc) >= MIN_DOCUMENT_CHARS]

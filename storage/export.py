@@ -1,0 +1,58 @@
+"""Finished dictionaries in the layouts the ecosystem loads.
+
+SAELens: a folder with `cfg.json` and `sae_weights.safetensors` (W_enc [d_in, d_sae], W_dec [d_sae, d_in],
+b_enc [d_sae], b_dec [d_in], plus `threshold` for JumpReLU), read by `sae_lens.SAE.load_from_disk`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from storage.uri import filesystem, join
+
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SAELENS_CONFIG = "cfg.json"
+# The cfg layout we write is SAELens 6's; without a version in metadata it would be read as a pre-6 cfg
+# and our metadata (model, hook, context size, tokens) would be dropped.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+
+def saelens_config(d_in: int, d_sae: int, architecture_config: dict[str, Any], metadata: dict[str, Any]) -> dict:
+    return {
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False,
+        **architecture_config,
+        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, **metadata},
+    }
+
+
+def save_saelens(uri: str, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> str:
+    """Write the dictionary folder at `uri`; returns `uri`."""
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+    payload = {name: t.detach().to(torch.float32).contiguous().cpu() for name, t in tensors.items()}
+    with fs.open(join(path, SAELENS_WEIGHTS), "wb") as f:
+        f.write(save_safetensors_bytes(payload))
+    with fs.open(join(path, SAELENS_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    return uri
+
+
+def load_saelens(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    fs, path = filesystem(uri)
+    with fs.open(join(path, SAELENS_WEIGHTS), "rb") as f:
+        tensors = load_safetensors_bytes(f.read())
+    with fs.open(join(path, SAELENS_CONFIG)) as f:
+        config = json.load(f)
+    return tensors, config

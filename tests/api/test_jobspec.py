@@ -1,0 +1,99 @@
+"""JobSpec validation: bad input is refused with a message that names the field and the fix."""
+
+import json
+
+import pytest
+
+from api.jobspec import JobSpec, JobSpecError, load_job_spec, parse_job_spec
+
+
+def test_empty_spec_is_the_embedded_default_job():
+    spec = parse_job_spec({})
+    assert spec.model.name == "embedded" and spec.data.source == "embedded"
+    assert spec.dictionaries[0].architecture == "topk" and spec.dictionaries[0].resolved_latents(576) == 8 * 576
+    assert spec.hooks()[0].name == "blocks.3.hook_resid_post"
+
+
+def test_examples_load(repo_root):
+    for name in ("default.yaml", "tiny.yaml"):
+        assert isinstance(load_job_spec(repo_root / "examples" / name), JobSpec)
+
+
+def test_default_example_is_what_an_empty_spec_runs(repo_root):
+    default = load_job_spec(repo_root / "examples" / "default.yaml")
+    assert default.model_dump() == parse_job_spec({}).model_dump()
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(JobSpecError) as error:
+        parse_job_spec({"training": {"tokenz": 10}})
+    assert "training.tokenz: unknown field; remove it or check its spelling" in str(error.value)
+
+
+def test_k_not_below_latents():
+    with pytest.raises(JobSpecError) as error:
+        parse_job_spec({"dictionaries": [{"latents": 64, "k": 64}]})
+    assert "dictionaries.0: k (64) must be smaller than latents (64); lower k or raise latents" in str(error.value)
+
+
+def test_negative_tokens():
+    with pytest.raises(JobSpecError) as error:
+        parse_job_spec({"training": {"tokens": -5}})
+    assert "training.tokens: Input should be greater than 0" in str(error.value)
+
+
+def test_tokens_below_one_batch():
+    with pytest.raises(JobSpecError) as error:
+        parse_job_spec({"training": {"tokens": 100, "batch_tokens": 4096}})
+    assert "training.tokens (100) is smaller than one batch" in str(error.value)
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(JobSpecError) as error:
+        parse_job_spec({"model": {"name": str(tmp_path / "nope.gguf")}})
+    assert "model.name" in str(error.value) and "does not exist" in str(error.value)
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(JobSpecError) as error:
+        parse_job_spec({"data": {"source": str(tmp_path / "corpus.jsonl")}})
+    assert "data.source" in str(error.value) and "does not exist" in str(error.value)
+
+
+def test_missing_job_file(tmp_path):
+    with pytest.raises(JobSpecError, match="job spec file .* not found"):
+        load_job_spec(tmp_path / "job.yaml")
+
+
+def test_json_and_yaml_give_the_same_spec(tmp_path):
+    data = {"training": {"tokens": 8192, "batch_tokens": 1024}, "dictionaries": [{"latents": 256, "k": 4}]}
+    (tmp_path / "job.json").write_text(json.dumps(data))
+    (tmp_path / "job.yaml").write_text("training: {tokens: 8192, batch_tokens: 1024}\n"
+                                       "dictionaries: [{latents: 256, k: 4}]\n")
+    assert load_job_spec(tmp_path / "job.json") == load_job_spec(tmp_path / "job.yaml")
+
+
+def test_latents_and_expansion_factor_are_exclusive():
+    with pytest.raises(JobSpecError, match="either latents or expansion_factor"):
+        parse_job_spec({"dictionaries": [{"latents": 256, "expansion_factor": 4}]})
+
+
+def test_latents_divisible_by_ranks():
+    with pytest.raises(JobSpecError, match=r"latents \(1000\) must be divisible by cluster.trainer_ranks \(3\)"):
+        parse_job_spec({"dictionaries": [{"latents": 1000}], "cluster": {"trainer_ranks": 3}})
+
+
+def test_layer_beyond_model_depth_once_model_known():
+    spec = parse_job_spec({"hook": {"layer": 30}})
+    with pytest.raises(ValueError, match=r"hook.layer \(30\) is beyond the model, which has 30 layers"):
+        spec.check_against_model(num_layers=30, d_model=576)
+
+
+def test_default_lr_scales_with_latents():
+    spec = parse_job_spec({"dictionaries": [{"latents": 2**16}]})
+    assert spec.dictionaries[0].resolved_lr(576) == pytest.approx(2e-4 / 2)
+
+
+def test_output_uri_scheme_checked():
+    with pytest.raises(JobSpecError, match="output.uri"):
+        parse_job_spec({"output": {"uri": "gs://bucket/x"}})

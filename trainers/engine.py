@@ -1,0 +1,62 @@
+"""The DeepSpeed engine of one dictionary on one rank.
+
+Why DeepSpeed: it owns the optimizer step, the ZeRO partitioning of Adam's state across data-parallel
+replicas (stage 1/2: each replica keeps 1/R of the moments), bf16 with fp32 master weights on GPU, and
+checkpoints that hold every rank's optimizer shard. The decoder is row-normalised inside the model's forward
+(see trainers/sae.py), so nothing has to reach into DeepSpeed's master copy after a step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 6.25e-10  # Gao et al.'s value for TopK SAEs
+
+
+def distributed_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def deepspeed_config(zero_stage: int, bf16: bool, gradient_accumulation_steps: int = 1) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # one activation batch (batch_tokens rows) per micro-step
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # torch's Adam: no C++ extension build needed on CPU
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, decay_fraction: float = 0.2):
+    """Linear warm-up, constant, then linear decay to zero over the last `decay_fraction` of training."""
+    decay_start = int(total_steps * (1 - decay_fraction))
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if step >= decay_start and total_steps > decay_start:
+            return max(0.0, (total_steps - step) / (total_steps - decay_start))
+        return 1.0
+
+    return factor
+
+
+def build_engine(model: nn.Module, lr: float, total_steps: int, warmup_steps: int, zero_stage: int, bf16: bool):
+    """deepspeed.initialize with torch's Adam and our schedule; returns the engine."""
+    import deepspeed
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    # A callable: DeepSpeed builds the schedule on the optimizer it wraps (ZeRO's), not on the bare one.
+    schedule = lr_lambda(total_steps, warmup_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(zero_stage, bf16),
+        lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule))
+    return engine
