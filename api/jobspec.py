@@ -123,7 +123,7 @@ class DataSpec(Strict):
 class DictionarySpec(Strict):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="default: <site>-<layer>-<architecture>-<M>")
     hook: HookSpec | None = Field(None, description="default: the job's top-level hook")
-    architecture: Literal["topk"] = "topk"
+    architecture: Literal["topk", "batchtopk", "jumprelu", "relu"] = "topk"
     latents: Annotated[int, Field(gt=0)] | None = None
     expansion_factor: Annotated[int, Field(gt=0)] | None = None
     k: Annotated[int, Field(gt=0)] = 32
@@ -131,6 +131,21 @@ class DictionarySpec(Strict):
     k_aux: Annotated[int, Field(gt=0)] | None = None
     dead_window_tokens: Annotated[int, Field(gt=0)] = 1_000_000
     lr: Annotated[float, Field(gt=0.0)] | None = Field(None, description="default: 2e-4 / sqrt(latents / 2**14)")
+    initialization: Literal["subspace", "random"] = Field(
+        "subspace", description="subspace: decoder rows in the span of the top principal directions of a sample")
+    variance_share: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.99, description="subspace rank = fewest principal directions holding this share of the variance")
+    subspace_rank: Annotated[int, Field(gt=0)] | None = Field(None, description="explicit subspace rank")
+    b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
+    l1_coefficient: Annotated[float, Field(ge=0.0)] = Field(0.02, description="relu: L1 weight")
+    l0_coefficient: Annotated[float, Field(ge=0.0)] = Field(0.002, description="jumprelu: L0 weight")
+    sparsity_warmup: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.1, description="fraction of training over which the L1/L0 weight ramps up from 0")
+    jumprelu_bandwidth: Annotated[float, Field(gt=0.0)] = Field(0.001, description="ε, in units of the input RMS norm")
+    jumprelu_init_threshold: Annotated[float, Field(gt=0.0)] = Field(
+        0.001, description="θ₀, in units of the input RMS norm")
+    batchtopk_row_cap: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="batchtopk: most latents one token may hold (default 4·k)")
 
     @model_validator(mode="after")
     def _size(self) -> DictionarySpec:
@@ -138,8 +153,14 @@ class DictionarySpec(Strict):
             raise ValueError("give either latents or expansion_factor for a dictionary, not both")
         if self.latents is None and self.expansion_factor is None:
             self.expansion_factor = 8
-        if self.latents is not None and self.k >= self.latents:
+        if self.architecture in ("topk", "batchtopk") and self.latents is not None and self.k >= self.latents:
             raise ValueError(f"k ({self.k}) must be smaller than latents ({self.latents}); lower k or raise latents")
+        if self.subspace_rank is not None and self.initialization != "subspace":
+            raise ValueError("subspace_rank applies to initialization 'subspace' only; remove subspace_rank or "
+                             "set initialization: subspace")
+        if self.batchtopk_row_cap is not None and self.batchtopk_row_cap < self.k:
+            raise ValueError(f"batchtopk_row_cap ({self.batchtopk_row_cap}) must be at least k ({self.k}); "
+                             "raise it or leave it unset (4·k)")
         return self
 
     def resolved_latents(self, d_in: int) -> int:
