@@ -131,7 +131,7 @@ def main() -> None:
             timings["forward"] += t1 - t0
             timings["backward"] += t2 - t1
             timings["optimizer"] += t3 - t2
-        return float(out.fvu)
+        return float(out.fvu.detach())
 
     train_step(record=False)  # allocates the optimizer state
     state_bytes = sum(t.numel() * t.element_size() for opt in optimizers for s in opt.state.values()
@@ -153,7 +153,8 @@ def main() -> None:
         "step_s": round(step_s, 3), **{f"{k}_s": round(v / args.steps, 3) for k, v in timings.items()},
         "optimizer_share": round(timings["optimizer"] / elapsed, 3),
         "dense_adam_step_s": round(adam_seconds, 3),
-        "dense_adam_share_of_step": round(adam_seconds / (step_s - timings["optimizer"] / args.steps + adam_seconds), 3),
+        "dense_adam_share_of_step": round(
+            adam_seconds / (step_s - timings["optimizer"] / args.steps + adam_seconds), 3),
         "param_gib": round(param_bytes / GIB, 3), "optimizer_state_gib": round(state_bytes / GIB, 3),
         "peak_rss_gib": round(peak / GIB, 3),
         "peak_rss_above_params_and_state_gib": round((peak - param_bytes - state_bytes) / GIB, 3),
