@@ -140,3 +140,19 @@ def test_jumprelu_and_step_straight_through():
     step(z, theta, eps).sum().backward()
     assert z.grad is None or bool((z.grad == 0).all())
     assert torch.allclose(theta.grad, torch.tensor([0.0, -1000.0, -1000.0, 0.0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernels_on_cuda_match_cpu():
+    torch.manual_seed(8)
+    x, W, b = torch.randn(64, 32), torch.randn(3000, 32), torch.randn(3000)
+    dead = torch.rand(3000) < 0.2
+    results = {}
+    for device in ("cpu", "cuda"):
+        xs, Ws, bs = (t.to(device).requires_grad_(True) for t in (x, W, b))
+        acts, idx, aux, aux_idx = topk_encode(xs, Ws, bs, 8, chunk=1024, dead_mask=dead.to(device), k_aux=16)
+        y = sparse_decode(acts, idx, Ws) + sparse_decode(aux, aux_idx, Ws)
+        y.pow(2).sum().backward()
+        results[device] = [t.detach().cpu() for t in (y, xs.grad, Ws.grad, bs.grad)]
+    for got, ref in zip(results["cuda"], results["cpu"], strict=True):
+        assert torch.allclose(got, ref, atol=1e-3, rtol=1e-3)
