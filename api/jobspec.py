@@ -92,30 +92,70 @@ class HookSpec(Strict):
         }[self.site]
 
 
+class ActivationCacheSpec(Strict):
+    """An activation cache: safetensors shards plus manifest.json under a file:// or s3:// URI."""
+
+    write: str | None = Field(None, description="write the job's activation stream here (a local path, file:// "
+                                                "or s3:// URI); a later job can train from it")
+    read: str | None = Field(None, description="train from this cache instead of running the model; the cache "
+                                               "must hold the job's model, sites and dtype")
+    shard_tokens: Annotated[int, Field(gt=0)] = Field(65_536, description="rows per shard when writing")
+    shuffle_shards: Annotated[int, Field(ge=1)] = Field(
+        4, description="when reading: rows are shuffled across groups of this many shards (memory: that many "
+                       "shards per producer)")
+
+    @model_validator(mode="after")
+    def _one_direction(self) -> ActivationCacheSpec:
+        if self.write is not None and self.read is not None:
+            raise ValueError("data.cache: give either write or read, not both; a job reading a cache cannot "
+                             "write another one")
+        for field in ("write", "read"):
+            uri = getattr(self, field)
+            scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri or "")
+            if scheme and scheme.group(1) not in ("file", "s3"):
+                raise ValueError(f"data.cache.{field}: the scheme {scheme.group(1)!r} is not supported; use a "
+                                 "local path, file:// or s3:// URI")
+        return self
+
+
 class DataSpec(Strict):
     source: str = Field(
         "embedded",
-        description="'embedded' (Python's bundled documentation) or a local .txt/.jsonl file, folder or glob",
+        description="'embedded' (Python's bundled documentation); a local path or s3:// URI of a .txt/.md, "
+                    ".jsonl or .parquet file, a folder of them, a glob pattern, or a dataset saved with "
+                    "datasets' save_to_disk",
     )
-    format: Literal["auto", "text", "jsonl"] = "auto"
-    text_field: str = "text"
+    format: Literal["auto", "text", "jsonl", "parquet", "hf_dataset"] = Field(
+        "auto", description="auto: by file suffix; a folder with dataset_info.json or dataset_dict.json is a "
+                            "saved dataset (hf_dataset)")
+    text_field: str = Field("text", description="the field (JSONL), column (Parquet, saved dataset) with the text")
     context_length: Annotated[int, Field(ge=2, le=65536)] = 256
     holdout_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.02
+    mix_batches: Annotated[int, Field(ge=1, le=256)] = Field(
+        4, description="the buffer hands out rows drawn at random from at least this many of the latest batches")
+    cache: ActivationCacheSpec = Field(default_factory=ActivationCacheSpec)
 
     @model_validator(mode="after")
     def _source_exists(self) -> DataSpec:
         if self.source == "embedded":
             return self
-        if any(ch in self.source for ch in "*?["):
-            matches = list(Path().glob(self.source)) if not Path(self.source).is_absolute() else list(
-                Path("/").glob(self.source.lstrip("/")))
+        scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", self.source)
+        if scheme and scheme.group(1) not in ("file", "s3"):
+            raise ValueError(f"data.source: the scheme {scheme.group(1)!r} is not supported; give 'embedded', a "
+                             "local path, a file:// or an s3:// URI")
+        if scheme and scheme.group(1) == "s3":
+            return self  # checked when the job starts: validating a spec does not reach out to storage
+        source = self.source.removeprefix("file://")
+        if any(ch in source for ch in "*?["):
+            matches = list(Path().glob(source)) if not Path(source).is_absolute() else list(
+                Path("/").glob(source.lstrip("/")))
             if not matches:
                 raise ValueError(f"data.source: the pattern {self.source!r} matches no file; check the path")
             return self
-        if not Path(self.source).expanduser().exists():
+        if not Path(source).expanduser().exists():
             raise ValueError(
-                f"data.source: {self.source!r} does not exist; give 'embedded' or an existing .txt/.jsonl file, "
-                "folder or glob pattern"
+                f"data.source: {self.source!r} does not exist; give 'embedded', an existing .txt/.jsonl/.parquet "
+                "file, a folder, a glob pattern, a saved dataset folder or an s3:// URI"
             )
         return self
 
