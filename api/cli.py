@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from api.jobspec import JobSpecError, load_job_spec
+from api.jobspec import JobSpecError, load_job_spec, parse_job_spec
 
 
 def _progress_printer():
@@ -34,6 +34,8 @@ def summary(result) -> str:
     lines = [f"job {result.job_id} finished in {result.seconds:,.0f} s"]
     for name, r in result.dictionaries.items():
         rate = r.get("tokens", 0) / max(r.get("train_seconds", 0) or result.seconds, 1e-9)
+        window_note = (f", longer than this run's {r['tokens']:,}" if r["dead_window_tokens"] > r["tokens"]
+                       else f"; {r['tokens']:,} tokens trained")
         lines += [
             f"dictionary {name}",
             f"  held-out FVU      {r.get('held_out_fvu', float('nan')):.4f}   "
@@ -41,7 +43,7 @@ def summary(result) -> str:
             f"{r.get('held_out_tokens', 0):,} held-out tokens)",
             f"  L0                {r.get('held_out_l0', float('nan')):.1f}",
             f"  dead latents      {100 * r['dead_fraction']:.2f}%   (no firing in the last "
-            f"{r['dead_window_tokens']:,} tokens; {r['tokens']:,} tokens trained)",
+            f"{r['dead_window_tokens']:,} tokens{window_note}); never fired: {100 * r['never_fired_fraction']:.2f}%",
             f"  tokens/s          {rate:,.0f}",
             f"  saved to          {r.get('saelens_uri')}   (SAELens layout)",
             f"  firing plot       {r.get('firing_plot')}",
@@ -54,7 +56,20 @@ def summary(result) -> str:
 
 def command_run(args: argparse.Namespace) -> int:
     try:
-        spec = load_job_spec(args.job)
+        if args.spec_json is not None:
+            if args.job is not None:
+                raise JobSpecError("give either a job spec file or --spec-json, not both")
+            import json
+
+            try:
+                data = json.loads(args.spec_json)
+            except json.JSONDecodeError as error:
+                raise JobSpecError(f"--spec-json: not valid JSON: {error}") from None
+            if not isinstance(data, dict):
+                raise JobSpecError("--spec-json: the top level must be a mapping of fields")
+            spec = parse_job_spec(data)
+        else:
+            spec = load_job_spec(args.job)
     except JobSpecError as error:
         print(error, file=sys.stderr)
         return 2
@@ -62,7 +77,7 @@ def command_run(args: argparse.Namespace) -> int:
 
     show, close = _progress_printer() if not args.quiet else (None, lambda: None)
     try:
-        result = run_job(spec, quiet=True, on_progress=show)
+        result = run_job(spec, job_id=args.job_id, quiet=True, on_progress=show)
     except ValueError as error:  # a rule that needed the model (layer beyond depth, ...)
         close()
         print(f"job rejected: {error}", file=sys.stderr)
@@ -72,13 +87,270 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- the service and its client ------------------------------------------------------------------------------
+def command_serve(args: argparse.Namespace) -> int:
+    from api.app import serve
+    from api.settings import SettingsError
+
+    try:
+        serve(args.host, args.port, args.log_level)
+    except SettingsError as error:
+        print(f"saeforge serve: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from api.client import Client
+
+    return Client(args.api_url, args.token)
+
+
+def _read_spec_file(path: str) -> dict:
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise JobSpecError(f"job spec file {path!r} not found; give the path of a YAML or JSON file")
+    text = file.read_text()
+    try:
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise JobSpecError(f"{path}: not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise JobSpecError(f"{path}: the top level must be a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def _when(value: str | None) -> str:
+    return value.replace("T", " ")[:19] if value else "-"
+
+
+def _show_job(job: dict) -> str:
+    p = job.get("progress") or {}
+    lines = [f"job        {job['id']}  ({job['name']}, owner {job['owner']})",
+             f"state      {job['state']}" + ("  (cancel requested)" if job.get("cancel_requested") and
+                                             job["state"] == "running" else ""),
+             f"created    {_when(job['created_at'])}   started {_when(job.get('started_at'))}   "
+             f"finished {_when(job.get('finished_at'))}"]
+    if p:
+        rate = f"{p['tokens_per_s']:,.0f} tok/s" if p.get("tokens_per_s") else "- tok/s"
+        eta = f", ETA {p['eta_s']:,.0f} s" if p.get("eta_s") is not None else ""
+        lines.append(f"progress   {p['tokens_done']:,} / {p['tokens_total']:,} tokens ({100 * p['fraction']:.0f}%), "
+                     f"{rate}{eta}")
+    if job.get("message"):
+        lines.append(f"message    {job['message']}")
+    if job.get("output_uri"):
+        lines.append(f"output     {job['output_uri']}")
+    if job.get("mlflow"):
+        lines.append(f"MLflow     run {job['mlflow']['run_id']} ({job['mlflow']['run_status']})  "
+                     f"{job['mlflow']['run_url']}")
+    for d in job.get("dictionaries", []):
+        m = d["metrics"]
+        fvu = m.get("final_held_out_fvu", m.get("fvu"))
+        l0 = m.get("final_held_out_l0", m.get("l0"))
+        dead = m.get("final_dead_fraction", m.get("dead_fraction"))
+        parts = [f"FVU {fvu:.4f}" if fvu is not None else None, f"L0 {l0:.1f}" if l0 is not None else None,
+                 f"dead {100 * dead:.2f}%" if dead is not None else None]
+        lines.append(f"dictionary {d['name']}: " + ", ".join(x for x in parts if x) + f"  run {d['run_id']}")
+        if d.get("output_uri"):
+            lines.append(f"           saved to {d['output_uri']}")
+    return "\n".join(lines)
+
+
+def _api_call(args: argparse.Namespace, action):
+    from api.client import ApiError
+
+    client = _client(args)
+    try:
+        return action(client)
+    except ApiError as error:
+        print(f"saeforge {args.command}: {error}", file=sys.stderr)
+        return None
+    finally:
+        client.close()
+
+
+def _watch(client, job_id: str, poll: float) -> dict:
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(job: dict) -> None:
+        nonlocal bar
+        p = job.get("progress") or {}
+        if bar is None:
+            bar = tqdm(total=p.get("tokens_total") or None, unit="tok", unit_scale=True, desc=job["id"],
+                       dynamic_ncols=True)
+        bar.update(max(p.get("tokens_done", 0) - bar.n, 0))
+        first = (job.get("dictionaries") or [{}])[0].get("metrics", {})
+        postfix = {"state": job["state"]}
+        if p.get("tokens_per_s"):
+            postfix["tok/s"] = f"{p['tokens_per_s']:,.0f}"
+        if "fvu" in first:
+            postfix["FVU"] = f"{first['fvu']:.3f}"
+        if "l0" in first:
+            postfix["L0"] = f"{first['l0']:.1f}"
+        bar.set_postfix(postfix, refresh=True)
+
+    try:
+        return client.wait(job_id, poll=poll, on_update=update)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def command_submit(args: argparse.Namespace) -> int:
+    try:
+        data = _read_spec_file(args.job) if args.job else {}
+    except JobSpecError as error:
+        print(error, file=sys.stderr)
+        return 2
+
+    def submit(client):
+        job = client.submit(data)
+        print(job["id"])
+        if args.watch:
+            job = _watch(client, job["id"], args.poll)
+            print(_show_job(job))
+            return 0 if job["state"] == "succeeded" else 1
+        return 0
+
+    result = _api_call(args, submit)
+    return 2 if result is None else result
+
+
+def command_jobs(args: argparse.Namespace) -> int:
+    def jobs(client):
+        listing = client.jobs(args.state, limit=args.limit)
+        rows = [("ID", "STATE", "EXPERIMENT", "CREATED", "MESSAGE")]
+        rows += [(j["id"], j["state"], j["experiment"], _when(j["created_at"]), (j.get("message") or "")[:60])
+                 for j in listing["items"]]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+        if listing["total"] > len(listing["items"]):
+            print(f"({len(listing['items'])} of {listing['total']}; --limit to see more)")
+        return 0
+
+    result = _api_call(args, jobs)
+    return 2 if result is None else result
+
+
+def command_status(args: argparse.Namespace) -> int:
+    def status(client):
+        if args.watch:
+            job = _watch(client, args.id, args.poll)
+        else:
+            job = client.job(args.id)
+        if args.json:
+            import json
+
+            print(json.dumps(job, indent=2))
+        else:
+            print(_show_job(job))
+        return 0 if not args.watch or job["state"] == "succeeded" else 1
+
+    result = _api_call(args, status)
+    return 2 if result is None else result
+
+
+def command_cancel(args: argparse.Namespace) -> int:
+    def cancel(client):
+        job = client.cancel(args.id)
+        print(f"{job['id']}: {job['state']}" + (" (stopping)" if job["state"] == "running" else ""))
+        return 0
+
+    result = _api_call(args, cancel)
+    return 2 if result is None else result
+
+
+def command_logs(args: argparse.Namespace) -> int:
+    def logs(client):
+        print(client.logs(args.id, args.tail)["logs"])
+        return 0
+
+    result = _api_call(args, logs)
+    return 2 if result is None else result
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    from services.compare import format_table
+
+    def compare(client):
+        result = client.compare(args.experiment, args.job)
+        print(format_table(result["rows"]))
+        print(f"{len(result['rows'])} dictionaries; Pareto plot ({result['points']} points) logged to MLflow run "
+              f"{result['plot_run_id']} as {result['plot_artifact']}")
+        if args.plot:
+            from pathlib import Path
+
+            Path(args.plot).write_bytes(client.compare_plot(args.experiment, args.job))
+            print(f"plot saved to {args.plot}")
+        return 0
+
+    result = _api_call(args, compare)
+    return 2 if result is None else result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saeforge", description="Train sparse autoencoders on LM activations.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a job in-process on an embedded local Ray (or RAY_ADDRESS)")
     run.add_argument("job", nargs="?", help="JobSpec YAML/JSON file; none = the embedded default job")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--job-id", help="the job's id (default: <name>-<time>-<random>); the service passes its own")
+    run.add_argument("--spec-json", help="the JobSpec as a JSON string instead of a file (used by the service)")
     run.set_defaults(handler=command_run)
+
+    serve = commands.add_parser("serve", help="run the job service (HTTP API); see docs/service.md")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(handler=command_serve)
+
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument("--api-url", help="the service's URL (default: SAEFORGE_API_URL or http://127.0.0.1:8000)")
+    api.add_argument("--token", help="bearer token (default: SAEFORGE_API_TOKEN)")
+    states = ["queued", "running", "succeeded", "failed", "cancelled"]
+
+    submit = commands.add_parser("submit", parents=[api], help="submit a job to the service")
+    submit.add_argument("job", nargs="?", help="JobSpec YAML/JSON file; none = the embedded default job")
+    submit.add_argument("--watch", action="store_true", help="show a progress bar until the job ends")
+    submit.add_argument("--poll", type=float, default=2.0, help="seconds between updates with --watch")
+    submit.set_defaults(handler=command_submit)
+
+    jobs = commands.add_parser("jobs", parents=[api], help="list your jobs, newest first")
+    jobs.add_argument("--state", action="append", choices=states, help="only jobs in this state (repeatable)")
+    jobs.add_argument("--limit", type=int, default=50)
+    jobs.set_defaults(handler=command_jobs)
+
+    status = commands.add_parser("status", parents=[api], help="a job's state, progress, metrics and outputs")
+    status.add_argument("id")
+    status.add_argument("--watch", action="store_true", help="live progress bar until the job ends")
+    status.add_argument("--poll", type=float, default=2.0, help="seconds between updates with --watch")
+    status.add_argument("--json", action="store_true", help="the full JSON document")
+    status.set_defaults(handler=command_status)
+
+    cancel = commands.add_parser("cancel", parents=[api], help="cancel a job (its checkpoints are kept)")
+    cancel.add_argument("id")
+    cancel.set_defaults(handler=command_cancel)
+
+    logs = commands.add_parser("logs", parents=[api], help="the job's driver log")
+    logs.add_argument("id")
+    logs.add_argument("--tail", type=int, default=200, help="last lines (default 200)")
+    logs.set_defaults(handler=command_logs)
+
+    compare = commands.add_parser("compare", parents=[api], help="compare an experiment's dictionaries")
+    compare.add_argument("--experiment", required=True, help="MLflow experiment (the JobSpec's tracking.experiment)")
+    compare.add_argument("--job", help="only this job's dictionaries")
+    compare.add_argument("--plot", help="also save the Pareto plot (PNG) here")
+    compare.set_defaults(handler=command_compare)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -22,11 +22,11 @@ import ray
 import yaml
 
 from api.jobspec import JobSpec
-from services.buffer import ActivationBuffer
+from services.buffer import log_stats_periodically, start_buffer
 from services.monitor import JobMonitor
-from services.producer import ActivationProducer
+from services.producer import start_producers
 from services.tracking import JobTracking, flatten, tracking_uri, ui_command
-from storage.uri import is_local, local_path
+from storage.uri import filesystem, is_local, join, local_path
 
 LOCAL_OBJECT_STORE_BYTES = 1 << 30
 
@@ -65,8 +65,15 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     updates = {}
     if spec.model.random is None and spec.model.name != "embedded":
         updates["model"] = spec.model.model_copy(update={"name": str(Path(spec.model.name).expanduser().resolve())})
-    if spec.data.source != "embedded" and not Path(spec.data.source).is_absolute():
-        updates["data"] = spec.data.model_copy(update={"source": str(Path(spec.data.source).resolve())})
+    data: dict = {}
+    if spec.data.source != "embedded" and "://" not in spec.data.source and not Path(spec.data.source).is_absolute():
+        data["source"] = str(Path(spec.data.source).resolve())
+    cache = {k: str(Path(v).resolve()) for k, v in spec.data.cache.model_dump(include={"read", "write"}).items()
+             if v is not None and "://" not in v}
+    if cache:
+        data["cache"] = spec.data.cache.model_copy(update=cache)
+    if data:
+        updates["data"] = spec.data.model_copy(update=data)
     return spec.model_copy(update=updates)
 
 
@@ -107,13 +114,19 @@ def run_job(spec: JobSpec, job_id: str | None = None, quiet: bool = False,
     output_uri = spec.output.uri or str(home / job_id)
     if is_local(output_uri):
         output_uri = str(Path(local_path(output_uri)).resolve())
-        Path(output_uri).mkdir(parents=True, exist_ok=True)
-        (Path(output_uri) / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    fs, path = filesystem(output_uri)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(join(path, "job.yaml"), "w") as f:
+        f.write(spec_yaml)
 
     home.mkdir(parents=True, exist_ok=True)
     tracking = JobTracking(tracking_uri(home), spec.tracking.experiment, artifact_root=home / "mlartifacts")
     parent = tracking.start(job_id, flatten(spec.model_dump(mode="json")),
                             {"saeforge.output_uri": output_uri, "model": spec.model.label, **spec.tracking.tags})
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / "job.yaml").write_text(spec_yaml)
+        tracking.log_artifact(parent, str(Path(scratch) / "job.yaml"))
     started_ray = _connect(spec, quiet)
     actors: list = []
     try:
@@ -140,13 +153,13 @@ def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, act
 
     gpu = _use_gpu(spec)
     spec_json = spec.model_dump_json()
-    n = spec.cluster.producers
-    producer_actor = ray.remote(ActivationProducer).options(num_cpus=1, num_gpus=1 if gpu else 0)
-    producers = [producer_actor.remote(spec_json, i, n) for i in range(n)]
+    producers = start_producers(spec, gpu)  # model producers, or cache readers with data.cache.read
+    actors.extend(producers)
     held_out = producers[0].held_out_batch.remote(spec.training.eval_tokens) if spec.training.eval_tokens else None
-    buffer = ray.remote(ActivationBuffer).options(num_cpus=0).remote(producers, spec.cluster.buffer_batches)
+    buffer = start_buffer(spec, producers, held_out, job_id)  # writes data.cache.write when given
     monitor = ray.remote(JobMonitor).options(num_cpus=0).remote()
-    actors.extend([*producers, buffer, monitor])
+    actors.extend([buffer, monitor])
+    log_stats_periodically(buffer, lambda stats, step: tracking.log_metrics(tracking.parent_run_id, stats, step))
 
     # The trainer group starts while the producers load the model: both take seconds, neither needs the other
     # until the first batch (the trainers read d from it).
@@ -225,5 +238,7 @@ def _log_result(tracking: JobTracking, name: str, result: dict, step: int, outpu
         (Path(scratch) / "result.json").write_text(json.dumps(result, indent=2, default=str))
         tracking.log_artifact(run_id, str(Path(scratch) / "result.json"))
     uri = result.get("saelens_uri")
+    if uri:  # the service reads output URIs back from MLflow
+        tracking.set_tags(run_id, {"saeforge.saelens_uri": str(uri)})
     if uri and is_local(uri):
         tracking.log_artifacts(run_id, local_path(uri), "saelens")

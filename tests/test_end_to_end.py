@@ -41,6 +41,7 @@ def test_mlflow_has_the_runs_params_metrics_and_artifacts(tiny_job):
     parent = client.get_run(result.mlflow_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["training.tokens"] == str(spec.training.tokens)
+    assert [a.path for a in client.list_artifacts(result.mlflow_run_id)] == ["job.yaml"]
     child_id = result.child_runs["tiny-topk"]
     child = client.get_run(child_id)
     assert child.data.tags["mlflow.parentRunId"] == result.mlflow_run_id

@@ -172,6 +172,7 @@ def _finish(spec: JobSpec, index: int, d: Dictionary, held_out: dict | None, tok
     """Held-out FVU / L0 and the SAELens export of one dictionary (rank 0 writes)."""
     result = {"tokens": tokens, "dead_window_tokens": d.tracker.window_tokens,
               "dead_fraction": d.tracker.dead_fraction(), "dense_fraction": d.tracker.dense_fraction(),
+              "never_fired_fraction": float((d.tracker.fire_counts == 0).float().mean()),
               "firing_frequencies": d.tracker.firing_frequencies().cpu().numpy(), **d.init_info}
     sae = d.engine.module
     if held_out is not None and len(held_out[d.hook_name]):
