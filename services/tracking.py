@@ -118,3 +118,25 @@ class JobTracking:
     def run_url(self, run_id: str) -> str:
         base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+
+def find_job_runs(client: MlflowClient, experiment: str, job_id: str) -> tuple[Any, list[Any]]:
+    """The newest parent run tagged saeforge.job_id = job_id in the experiment, and its child runs (one per
+    dictionary); (None, []) when the job has not reached MLflow yet."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None, []
+    quoted = job_id.replace("\\", "\\\\").replace("'", "\\'")
+    parents = client.search_runs([found.experiment_id], filter_string=f"tags.`saeforge.job_id` = '{quoted}'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        return None, []
+    parent = parents[0]
+    children = client.search_runs([found.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  max_results=1000)
+    return parent, sorted(children, key=lambda run: run.info.run_name or "")
+
+
+def run_url(ui_base: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
