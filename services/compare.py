@@ -18,6 +18,7 @@ COMPARE_RUN = "saeforge-compare"
 PLOT_NAME = "pareto_l0_fvu.png"
 POINT_COLOR = "#1f77b4"  # ordinary points
 FRONT_COLOR = "#d62728"  # points on the frontier
+FRONT_LINE = "#7f7f7f"
 
 
 class ExperimentNotFound(LookupError):
@@ -106,22 +107,26 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> int:
     front = pareto_front(points)
     figure, axes = plt.subplots(figsize=(7, 5), dpi=100)
     others = [i for i in range(len(points)) if i not in front]
-    if others:
-        axes.scatter([points[i][0] for i in others], [points[i][1] for i in others], s=60, color=POINT_COLOR,
-                     label="dictionary", zorder=3)
+    # One marker per dictionary, in exactly two colours and nowhere else (no legend markers), so the picture
+    # itself can be checked: red = on the frontier, blue = dominated; the frontier line is grey.
     if front:
-        axes.plot([points[i][0] for i in front], [points[i][1] for i in front], color=FRONT_COLOR, linewidth=1,
+        axes.plot([points[i][0] for i in front], [points[i][1] for i in front], color=FRONT_LINE, linewidth=1,
                   linestyle="--", zorder=2)
-        axes.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=60, color=FRONT_COLOR,
-                     label="Pareto frontier", zorder=4)
+    for indices, color in ((others, POINT_COLOR), (front, FRONT_COLOR)):
+        if indices:
+            axes.scatter([points[i][0] for i in indices], [points[i][1] for i in indices], s=60, color=color,
+                         zorder=3, edgecolors="none")
     for (x, y), row in zip(points, usable, strict=True):
         axes.annotate(row["dictionary"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=7)
     axes.set_xlabel("L0 (active latents per token)")
     axes.set_ylabel("FVU (fraction of variance unexplained)")
-    axes.set_title(title)
+    axes.set_title(f"{title}\nred: Pareto frontier (lower L0 and FVU are better)", fontsize=10)
     axes.grid(True, alpha=0.3)
     if points:
-        axes.legend(loc="upper right")
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        pad_x, pad_y = (max(xs) - min(xs)) * 0.15 or 1.0, (max(ys) - min(ys)) * 0.15 or 0.05
+        axes.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
+        axes.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", metadata={"Description": f"saeforge Pareto plot: {len(points)} points"})
