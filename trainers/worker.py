@@ -83,7 +83,9 @@ def _save_checkpoint(dictionaries: list[Dictionary], step: int, tokens: int, met
         for d in dictionaries:
             d.engine.save_checkpoint(str(Path(folder) / d.name), tag="state",
                                      client_state={"tokens_since_fired": d.tracker.tokens_since_fired.cpu()})
-        if ray.train.get_context().get_world_rank() == 0:
+        rank = ray.train.get_context().get_world_rank()
+        torch.save(torch.get_rng_state(), Path(folder) / f"rng_rank{rank}.pt")
+        if rank == 0:
             (Path(folder) / STATE_FILE).write_text(json.dumps({"step": step, "tokens": tokens}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
@@ -97,6 +99,9 @@ def _restore(dictionaries: list[Dictionary], device: torch.device) -> tuple[int,
             _, client = d.engine.load_checkpoint(str(Path(folder) / d.name), tag="state")
             d.tracker.tokens_since_fired.copy_(client["tokens_since_fired"].to(device))
         state = json.loads((Path(folder) / STATE_FILE).read_text())
+        rng = Path(folder) / f"rng_rank{ray.train.get_context().get_world_rank()}.pt"
+        if rng.is_file():
+            torch.set_rng_state(torch.load(rng))
     return state["step"], state["tokens"]
 
 
