@@ -33,6 +33,9 @@ def test_job_reports_progress_and_a_good_dictionary(tiny_job):
     assert summary["tokens"] == spec.training.tokens
     assert summary["held_out_fvu"] < 0.5, summary
     assert summary["held_out_l0"] == pytest.approx(8.0)
+    # spliced into the whole model on held-out text: the reconstruction beats zero-ablation
+    assert summary["ce_spliced"] < summary["ce_zero_ablated"] and summary["ce_loss_recovered"] > 0.5
+    assert summary["delta_lm_loss"] == pytest.approx(summary["ce_spliced"] - summary["ce_clean"])
 
 
 def test_mlflow_has_the_runs_params_metrics_and_artifacts(tiny_job):
@@ -46,7 +49,8 @@ def test_mlflow_has_the_runs_params_metrics_and_artifacts(tiny_job):
     child = client.get_run(child_id)
     assert child.data.tags["mlflow.parentRunId"] == result.mlflow_run_id
     assert child.data.tags["architecture"] == "topk" and child.data.tags["site"] == "resid_post"
-    for key in ("fvu", "l0", "dead_fraction", "tokens_per_s", "final_held_out_fvu"):
+    for key in ("fvu", "l0", "dead_fraction", "tokens_per_s", "final_held_out_fvu", "delta_lm_loss",
+                "ce_loss_recovered", "final_ce_loss_recovered"):
         assert key in child.data.metrics, key
     history = client.get_metric_history(child_id, "fvu")
     assert len(history) == spec.training.steps // spec.training.log_every_steps

@@ -158,6 +158,10 @@ def train_worker(config: dict) -> None:
                 if rank == 0:
                     monitor.report.remote(d.name, step + 1, tokens, metrics)
             window_started = time.perf_counter()
+        evaluator, every_eval = config.get("evaluator"), spec.training.eval_every_steps
+        if evaluator is not None and rank == 0 and every_eval and (step + 1) % every_eval == 0 and not last:
+            for index, d in enumerate(dictionaries):  # fire and forget: the evaluator reports to the monitor
+                evaluator.evaluate.remote(index, d.sae.cfg, _cpu_state(d), step + 1, tokens)
         every = spec.training.checkpoint_every_steps
         if every and (step + 1) % every == 0 and not last:
             _save_checkpoint(dictionaries, step + 1, tokens, {"step": step + 1, "tokens": tokens})
@@ -170,6 +174,10 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             monitor.finish.remote(d.name, result)
     ray.train.report({"step": total_steps, "tokens": tokens})
+
+
+def _cpu_state(d: Dictionary) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu() for k, v in d.engine.module.state_dict().items()}
 
 
 def _finish(spec: JobSpec, index: int, d: Dictionary, held_out: dict | None, tokens: int, config: dict,
@@ -185,6 +193,9 @@ def _finish(spec: JobSpec, index: int, d: Dictionary, held_out: dict | None, tok
             out = sae(_input(d, held_out, device))
         result.update(held_out_fvu=float(out.fvu), held_out_l0=l0(out.latent_acts),
                       held_out_tokens=len(held_out[d.hook_name]))
+    if ray.train.get_context().get_world_rank() == 0 and config.get("evaluator") is not None:
+        result.update(ray.get(config["evaluator"].evaluate.remote(index, sae.cfg, _cpu_state(d), spec.training.steps,
+                                                                   tokens)))
     if ray.train.get_context().get_world_rank() == 0:
         hook = spec.hook_of(index)
         metadata = {"model_name": spec.model.label, "hook_name": hook.name, "hook_layer": hook.layer,

@@ -1,0 +1,61 @@
+"""SpliceEvaluator: a Ray actor that measures what a dictionary costs the language model.
+
+It holds the whole model (the LM head is needed) and windows of held-out text, and for a dictionary's
+weights reports delta LM loss and CE loss recovered with the reconstruction spliced in at the hooked site
+(zero-ablation baseline). Only real-token positions are replaced: BOS/EOS keep their activations, since the
+dictionary never saw them in training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from api.jobspec import JobSpec
+from services.data import load_documents, split_documents
+from services.models import load_language_model, splice
+from services.producer import TokenWindows
+from trainers.metrics import splice_metrics
+from trainers.sae import SAEConfig, SparseAutoencoder
+
+
+class SpliceEvaluator:
+    def __init__(self, spec_json: str, monitor=None):
+        self.spec = JobSpec.model_validate_json(spec_json)
+        self.monitor = monitor
+        self.lm = load_language_model(self.spec.model)
+        documents = load_documents(self.spec.data)
+        _, held_out = split_documents(documents, self.spec.data.holdout_fraction, self.spec.training.seed)
+        windows = TokenWindows(self.lm.tokenizer, [documents[i] for i in held_out], self.spec.data.context_length,
+                               cycle=False)
+        wanted = max(1, self.spec.training.splice_eval_tokens // self.spec.data.context_length)
+        picked = [w for _, w in zip(range(wanted), windows, strict=False)]
+        if not picked:
+            raise ValueError("data.holdout_fraction: the held-out documents hold no full context window; raise "
+                             "holdout_fraction or set training.splice_eval_tokens to 0")
+        ids = np.stack(picked)
+        self.input_ids = torch.from_numpy(ids).to(self.lm.device)
+        self.keep = torch.from_numpy(windows.keep_mask(ids)).to(self.lm.device)
+
+    def evaluate(self, index: int, cfg: SAEConfig, state: dict[str, Tensor], step: int = 0, tokens: int = 0
+                 ) -> dict[str, float]:
+        """Splice metrics of dictionary `index` with these weights; also reported to the monitor, if any."""
+        sae = SparseAutoencoder(cfg, device=self.lm.device)
+        sae.load_state_dict(state)
+        sae.eval()
+        dtype = next(self.lm.model.parameters()).dtype
+
+        def reconstruct(activation: Tensor) -> Tensor:
+            flat = activation.reshape(-1, activation.shape[-1]).float()
+            return sae(flat).x_hat.reshape(activation.shape).to(dtype)
+
+        def spliced(replace):
+            keep = self.keep[..., None]
+            return splice(self.lm.model, self.spec.hook_of(index), lambda a: torch.where(keep, replace(a), a))
+
+        metrics = splice_metrics(lambda: self.lm.model(input_ids=self.input_ids, use_cache=False).logits,
+                                 spliced, reconstruct, self.input_ids)
+        if self.monitor is not None:
+            self.monitor.report.remote(self.spec.dictionary_name(index), step, tokens, metrics)
+        return metrics
