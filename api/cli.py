@@ -42,6 +42,8 @@ def summary(result) -> str:
             f"(explained variance {1 - r.get('held_out_fvu', float('nan')):.4f}, "
             f"{r.get('held_out_tokens', 0):,} held-out tokens)",
             f"  L0                {r.get('held_out_l0', float('nan')):.1f}",
+            f"  delta LM loss     {r.get('delta_lm_loss', float('nan')):.4f} nats   (CE loss recovered "
+            f"{r.get('ce_loss_recovered', float('nan')):.3f}; clean CE {r.get('ce_clean', float('nan')):.3f})",
             f"  dead latents      {100 * r['dead_fraction']:.2f}%   (no firing in the last "
             f"{r['dead_window_tokens']:,} tokens{window_note}); never fired: {100 * r['never_fired_fraction']:.2f}%",
             f"  tokens/s          {rate:,.0f}",

@@ -217,8 +217,13 @@ class TrainingSpec(Strict):
     warmup_steps: Annotated[int, Field(ge=0)] = 20
     log_every_steps: Annotated[int, Field(gt=0)] = 10
     checkpoint_every_steps: Annotated[int, Field(ge=0)] = Field(0, description="0: no intermediate checkpoints")
+    keep_checkpoints: Annotated[int, Field(ge=1)] = Field(3, description="older checkpoints are pruned")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     eval_tokens: Annotated[int, Field(ge=0)] = Field(16_384, description="held-out tokens for the final FVU")
+    splice_eval_tokens: Annotated[int, Field(ge=0)] = Field(
+        2048, description="held-out tokens for delta LM loss / CE loss recovered (whole model); 0: skip")
+    eval_every_steps: Annotated[int, Field(ge=0)] = Field(
+        0, description="splice evaluation every N steps as well as at the end; 0: at the end only")
 
     @model_validator(mode="after")
     def _enough_tokens(self) -> TrainingSpec:
@@ -241,6 +246,8 @@ class ClusterSpec(Strict):
     zero_stage: Literal[0, 1, 2] = 1
     buffer_batches: Annotated[int, Field(ge=1)] = 4
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+    max_failures: Annotated[int, Field(ge=0)] = Field(
+        2, description="trainer-group restarts from the last checkpoint before the job fails")
 
 
 class TrackingSpec(Strict):

@@ -23,6 +23,7 @@ import yaml
 
 from api.jobspec import JobSpec
 from services.buffer import log_stats_periodically, start_buffer
+from services.evaluation import SpliceEvaluator
 from services.monitor import JobMonitor
 from services.producer import start_producers
 from services.tracking import JobTracking, flatten, tracking_uri, ui_command
@@ -86,7 +87,7 @@ def _connect(spec: JobSpec, quiet: bool) -> bool:
         ray.init(address=address, log_to_driver=not quiet)
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster needs no token
-    needed = spec.cluster.producers + spec.cluster.trainer_ranks
+    needed = spec.cluster.producers + spec.cluster.trainer_ranks + (spec.training.splice_eval_tokens > 0)
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=not quiet,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES)
     return True
@@ -96,6 +97,13 @@ def _use_gpu(spec: JobSpec) -> bool:
     if spec.cluster.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
     return spec.cluster.use_gpu == "yes"
+
+
+def _gpu_share(spec: JobSpec, gpu: bool, users: int) -> float:
+    """GPUs per GPU-using actor: whole GPUs when the cluster has enough, else a fair fraction of them."""
+    if not gpu:
+        return 0.0
+    return min(1.0, ray.cluster_resources().get("GPU", 0) / max(users, 1)) or 1.0
 
 
 def _dictionary_tags(spec: JobSpec, index: int, d_model: int) -> dict[str, str]:
@@ -146,7 +154,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, quiet: bool = False,
 
 def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, actors: list,
          on_progress: Callable[[Progress], None] | None) -> dict[str, dict]:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainers.worker import train_worker
@@ -159,6 +167,12 @@ def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, act
     buffer = start_buffer(spec, producers, held_out, job_id)  # writes data.cache.write when given
     monitor = ray.remote(JobMonitor).options(num_cpus=0).remote()
     actors.extend([buffer, monitor])
+    evaluator = None
+    evaluates = spec.training.splice_eval_tokens > 0 and spec.data.cache.read is None  # a cache has no model
+    share = _gpu_share(spec, gpu, spec.cluster.producers + spec.cluster.trainer_ranks + evaluates)
+    if evaluates:
+        evaluator = ray.remote(SpliceEvaluator).options(num_cpus=1, num_gpus=share).remote(spec_json, monitor)
+        actors.append(evaluator)
     log_stats_periodically(buffer, lambda stats, step: tracking.log_metrics(tracking.parent_run_id, stats, step))
 
     # The trainer group starts while the producers load the model: both take seconds, neither needs the other
@@ -167,11 +181,14 @@ def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, act
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec_json": spec_json, "buffer": buffer, "monitor": monitor,
-                           "held_out": held_out, "output_uri": output_uri, "job_id": job_id},
+                           "held_out": held_out, "evaluator": evaluator, "output_uri": output_uri,
+                           "job_id": job_id},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=spec.cluster.trainer_ranks, use_gpu=gpu,
-                                     resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name="train", storage_path=storage_path, failure_config=FailureConfig(max_failures=0)),
+                                     resources_per_worker={"CPU": 1, **({"GPU": share} if gpu else {})}),
+        run_config=RunConfig(name="train", storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.training.keep_checkpoints)),
     )
     outcome: dict = {}
 
