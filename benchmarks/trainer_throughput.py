@@ -83,7 +83,7 @@ def adam_step_seconds(shape: tuple[int, int], max_rows: int) -> tuple[float, int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latents", type=int, required=True)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="0: time only the peak-RSS step")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--d", type=int, default=576)
     parser.add_argument("--k", type=int, default=32)
@@ -109,7 +109,8 @@ def main() -> None:
     x = torch.randn(n, d)
     sae.initialize(x[:2048], torch.Generator().manual_seed(0))
 
-    roof = roofline_seconds(x, sae.W_enc.detach())
+    big = m > 262144  # a roofline pass at 1M latents is ~5 TFLOP: one pass, no warm-up round
+    roof = roofline_seconds(x, sae.W_enc.detach(), repeats=1 if big else 2, warm=not big)
     flops = 2.0 * n * d * m
     print(f"roofline matmul: {roof:.3f} s = {flops / roof / 1e9:.1f} GFLOP/s -> {n / roof:,.0f} tokens/s", flush=True)
 
@@ -144,7 +145,9 @@ def main() -> None:
     param_bytes = sum(p.numel() * p.element_size() for p in sae.parameters())
     _ROOF_OUT.clear()  # the roofline's output buffer must not count in the step's peak RSS
     reset_peak()
-    train_step(record=False)
+    start = time.perf_counter()
+    fvu = train_step(record=args.steps == 0)
+    first_step = time.perf_counter() - start
     peak = rss_bytes("VmHWM")
     # Steps and roofline passes alternate so that both see the same machine: on a shared 2-core box the
     # load moves by 5x within minutes, and the ratio of neighbours is what stays meaningful.
@@ -155,23 +158,26 @@ def main() -> None:
         step_times.append(time.perf_counter() - start)
         roof_times.append(roofline_seconds(x, sae.W_enc.detach(), repeats=1, warm=False))
         ratios.append(roof_times[-1] / step_times[-1])
+    if not step_times:  # --steps 0: the peak-RSS step is the only timed one, against the first roofline
+        step_times, ratios = [first_step], [roof / first_step]
+    steps = len(step_times)
     elapsed = sum(step_times)
-    step_s = elapsed / args.steps
+    step_s = elapsed / steps
     tokens_per_s = n / min(step_times)
     roof = min([roof, *roof_times])
     roof_tokens = n / roof
     result = {
-        "latents": m, "d": d, "k": args.k, "batch": n, "steps": args.steps, "optimizer": optimizer_kind,
+        "latents": m, "d": d, "k": args.k, "batch": n, "steps": steps, "optimizer": optimizer_kind,
         "tokens_per_s": round(tokens_per_s, 1), "roofline_tokens_per_s": round(roof_tokens, 1),
         "roofline_ratio": round(statistics.median(ratios), 3),
         "roofline_ratios": [round(r, 3) for r in ratios],
         "best_step_vs_best_roofline": round(tokens_per_s / roof_tokens, 3),
         "roofline_gflops": round(flops / roof / 1e9, 1),
-        "step_s": round(step_s, 3), **{f"{k}_s": round(v / args.steps, 3) for k, v in timings.items()},
+        "step_s": round(step_s, 3), **{f"{k}_s": round(v / steps, 3) for k, v in timings.items()},
         "optimizer_share": round(timings["optimizer"] / elapsed, 3),
         "dense_adam_step_s": round(adam_seconds, 3),
         "dense_adam_share_of_step": round(
-            adam_seconds / (step_s - timings["optimizer"] / args.steps + adam_seconds), 3),
+            adam_seconds / (step_s - timings["optimizer"] / steps + adam_seconds), 3),
         "param_gib": round(param_bytes / GIB, 3), "optimizer_state_gib": round(state_bytes / GIB, 3),
         "peak_rss_gib": round(peak / GIB, 3),
         "peak_rss_above_params_and_state_gib": round((peak - param_bytes - state_bytes) / GIB, 3),
