@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from trainers.init import decoder_bias, principal_subspace, random_unit_rows, subspace_unit_rows
 from trainers.kernels import jumprelu, sparse_decode, step, topk_encode
+from trainers.parallel import ShardMesh
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
 INITIALIZATIONS = ("subspace", "random")
@@ -133,11 +134,19 @@ def variance_denominator(x: Tensor) -> Tensor:
 
 
 class SparseAutoencoder(nn.Module):
+    """A dictionary of cfg.latents latents; with a sharded `mesh`, this rank's slice of them (trainers/parallel.py).
+
+    Sharded, the forward exchanges top-k candidates and sums the partial decodes across the shard group, so
+    every rank computes the same reconstruction and loss as one unsharded dictionary would.
+    """
+
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, mesh: ShardMesh | None = None):
         super().__init__()
         self.cfg = cfg
-        m, d = cfg.latents, cfg.d_in
+        self.mesh = mesh or ShardMesh(world=1, rank=0, shards=1)
+        self.latent_start, self.latent_stop = self.mesh.latent_range(cfg.latents)
+        m, d = self.latent_stop - self.latent_start, cfg.d_in
         self.W_enc = nn.Parameter(torch.zeros(m, d, device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(m, device=device, dtype=dtype))
         self.W_dec = nn.Parameter(torch.zeros(m, d, device=device, dtype=dtype))
@@ -147,6 +156,7 @@ class SparseAutoencoder(nn.Module):
             self.register_buffer("input_scale", torch.ones((), device=device, dtype=torch.float32))
         if cfg.architecture == "batchtopk":
             self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
+        self.mesh.all_reduce_shared_grad(self.b_dec)
 
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -162,6 +172,7 @@ class SparseAutoencoder(nn.Module):
             rows = subspace_unit_rows(cfg.latents, basis.cpu(), generator=generator)
         else:
             rows = random_unit_rows(cfg.latents, cfg.d_in, generator=generator)
+        rows = rows[self.latent_start:self.latent_stop]  # every shard draws all rows: the same dictionary at any S
         self.W_dec.copy_(rows)
         self.W_enc.copy_(rows)
         self.b_enc.zero_()
@@ -194,29 +205,43 @@ class SparseAutoencoder(nn.Module):
         metrics: dict[str, Tensor] = {}
         if batch:
             acts, metrics = self._batch_select(acts)
-        x_hat = sparse_decode(acts, indices, self.W_dec, sparse_grads=cfg.sparse_grads) + self.b_dec
+        elif self.mesh.sharded:
+            acts = acts * self.mesh.select_global(acts, cfg.k)
+        x_hat = self._decode_sum(sparse_decode(acts, indices, self.W_dec, sparse_grads=cfg.sparse_grads))
         fvu = (x - x_hat).pow(2).sum() / variance_denominator(x)
         auxk_loss = x.new_zeros(())
         if aux_wanted and aux_acts.shape[1] > 0:
             # Reconstruct the residual from dead latents only; normalized by the residual's own variance (as
             # sparsify does) so the term keeps its weight as the main FVU falls.
             residual = (x - x_hat).detach()
-            residual_hat = sparse_decode(aux_acts, aux_indices, self.W_dec, sparse_grads=cfg.sparse_grads)
+            if self.mesh.sharded:
+                aux_acts = aux_acts * self.mesh.select_global(aux_acts, aux_acts.shape[1])
+            residual_hat = self.mesh.sum_across_shards(
+                sparse_decode(aux_acts, aux_indices, self.W_dec, sparse_grads=cfg.sparse_grads))
             auxk_loss = (residual - residual_hat).pow(2).sum() / variance_denominator(residual)
             auxk_loss = torch.nan_to_num(auxk_loss, nan=0.0, posinf=0.0)
         loss = fvu + cfg.auxk_alpha * auxk_loss
         return SAEOutput(x_hat, acts, indices, fvu, auxk_loss, loss, metrics=metrics)
+
+    def _decode_sum(self, partial: Tensor) -> Tensor:
+        """x̂ = Σ over shards of the partial decodes + b_dec (each shard adds b_dec / S, so b_dec counts once)."""
+        return self.mesh.sum_across_shards(partial + self.b_dec / self.mesh.shards)
 
     def _batch_select(self, acts: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """BatchTopK: keep the top N·k of the batch's candidates (training) or those above θ (inference)."""
         n = acts.shape[0]
         with torch.no_grad():
             if self.training:
-                flat = acts.detach().reshape(-1)
+                # Sharded: the same per-row cap, then the same N·k, over the candidates of all shards.
+                values = acts.detach()
+                if self.mesh.sharded:
+                    values = values * self.mesh.select_global(values, self.cfg.row_cap)
+                gathered = self.mesh.gather_candidates(values)
+                flat = gathered.reshape(-1)
                 keep_count = min(n * self.cfg.k, flat.numel())
                 kept_values, kept = flat.topk(keep_count, sorted=False)
-                mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept, True).view_as(acts)
-                mask &= acts.detach() > 0
+                mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept, True).view_as(gathered)
+                mask = self.mesh.own_columns(mask, acts.shape[1]) & (values > 0)
                 positive = kept_values[kept_values > 0]
                 if positive.numel() > 0:
                     # The first batch sets θ outright: an EMA from 0 would take ~1/lr steps to mean anything.
@@ -234,19 +259,20 @@ class SparseAutoencoder(nn.Module):
         warm = min(1.0, progress / cfg.sparsity_warmup) if cfg.sparsity_warmup > 0 else 1.0
         if cfg.architecture == "relu":
             acts = torch.relu(pre)
-            x_hat = acts @ self.W_dec + self.b_dec
+            x_hat = self._decode_sum(acts @ self.W_dec)
             rms = (variance_denominator(x) / x.shape[0]).sqrt().detach()
-            sparsity = (acts * self.W_dec.norm(dim=1)).sum(dim=1).mean() / rms
+            sparsity = self.mesh.sum_across_shards((acts * self.W_dec.norm(dim=1)).sum(dim=1).mean() / rms)
             coefficient = cfg.l1_coefficient * warm
         else:  # jumprelu
             threshold = self.log_threshold.exp()
             bandwidth = cfg.jumprelu_bandwidth * float(self.input_scale)
             acts = jumprelu(pre, threshold, bandwidth)
-            x_hat = acts @ self.decoder_directions() + self.b_dec
-            sparsity = step(pre, threshold, bandwidth).sum(dim=1).mean()
+            x_hat = self._decode_sum(acts @ self.decoder_directions())
+            sparsity = self.mesh.sum_across_shards(step(pre, threshold, bandwidth).sum(dim=1).mean())
             coefficient = cfg.l0_coefficient * warm
         fvu = (x - x_hat).pow(2).sum() / variance_denominator(x)
-        indices = torch.arange(cfg.latents, device=x.device).expand(x.shape[0], cfg.latents)
+        local = self.latent_stop - self.latent_start
+        indices = torch.arange(local, device=x.device).expand(x.shape[0], local)
         loss = fvu + coefficient * sparsity
         return SAEOutput(x_hat, acts, indices, fvu, x.new_zeros(()), loss, sparsity_loss=sparsity.detach(),
                          sparsity_coefficient=coefficient)
@@ -269,7 +295,7 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.architecture == "jumprelu":
             tensors["threshold"] = self.log_threshold.detach().float().exp().cpu()
         if self.cfg.architecture == "batchtopk":
-            tensors["threshold"] = torch.full((self.cfg.latents,), float(self.threshold))
+            tensors["threshold"] = torch.full((self.latent_stop - self.latent_start,), float(self.threshold))
         return tensors
 
     def export_config(self) -> dict[str, Any]:
