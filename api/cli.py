@@ -92,8 +92,14 @@ def command_run(args: argparse.Namespace) -> int:
 # --- the service and its client ------------------------------------------------------------------------------
 def command_serve(args: argparse.Namespace) -> int:
     from api.app import serve
-    from api.settings import SettingsError
+    from api.settings import Settings, SettingsError
 
+    if args.stop_local_ray:
+        from api.rayjobs import stop_local_ray
+
+        home = Settings.from_env().home
+        print("stopped the local Ray" if stop_local_ray(home) else f"no local Ray of {home} was running")
+        return 0
     try:
         serve(args.host, args.port, args.log_level)
     except SettingsError as error:
@@ -314,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--stop-local-ray", action="store_true",
+                       help="stop the embedded Ray that `serve` started for $SAEFORGE_HOME (it outlives the API), "
+                            "then exit")
     serve.set_defaults(handler=command_serve)
 
     api = argparse.ArgumentParser(add_help=False)

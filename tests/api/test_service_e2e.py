@@ -119,6 +119,34 @@ def test_auth_on_the_running_server(fuzz_server):
         assert alice.get(f"/v1/jobs/{job_id}").status_code == 200
 
 
+def test_cancel_stops_the_ray_job(tmp_path, ray_address):
+    """A running job (here a Ray job that would sleep for minutes) is stopped on Ray and ends cancelled."""
+    server = ApiServer(tmp_path / "home", {"SAEFORGE_RAY_ADDRESS": ray_address,
+                                           "SAEFORGE_JOB_COMMAND": "sleep 300 #"}).start()
+    try:
+        with server.client() as client:
+            job_id = client.post("/v1/jobs", json=LOAD).json()["id"]
+            from ray.job_submission import JobSubmissionClient
+
+            ray = JobSubmissionClient(ray_address)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if str(ray.get_job_status(job_id).value) == "RUNNING":
+                        break
+                except RuntimeError:  # not submitted yet
+                    pass
+                time.sleep(0.5)
+            cancelled = client.post(f"/v1/jobs/{job_id}/cancel")
+            assert cancelled.status_code == 200, cancelled.text
+            job = wait_for(client, job_id, ("cancelled", "failed", "succeeded"), timeout=60)
+            assert job["state"] == "cancelled" and "checkpoints" in job["message"]
+            assert str(ray.get_job_status(job_id).value) == "STOPPED"
+            assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+    finally:
+        server.stop()
+
+
 # --- durability and comparison ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sweep_job(ray_home):
@@ -162,7 +190,7 @@ def test_a_job_survives_a_killed_api(sweep_job):
     for name, d in dictionaries.items():
         k = int(name.removeprefix("topk-k"))
         assert d["run_status"] == "FINISHED" and d["tags"]["k"] == str(k) and d["tags"]["architecture"] == "topk"
-        assert d["metrics"]["final_held_out_l0"] == pytest.approx(k)
+        assert 0.9 * k <= d["metrics"]["final_held_out_l0"] <= k  # top-k keeps at most k (ReLU may zero some)
         assert 0 < d["metrics"]["final_held_out_fvu"] < 1
         assert d["metrics"]["tokens"] == 4096
         assert (Path(d["output_uri"]) / "cfg.json").is_file() and Path(d["output_uri"]).is_relative_to(
@@ -230,7 +258,7 @@ def test_twenty_jobs_at_once(tmp_path, ray_address):
             assert peak <= max_running
             details = [client.get(f"/v1/jobs/{i}").json() for i in ids]
         assert [j["state"] for j in details] == ["succeeded"] * 20, [(j["id"], j["message"]) for j in details]
-        assert all(j["dictionaries"][0]["metrics"]["final_held_out_l0"] == pytest.approx(4.0) for j in details)
+        assert all(0 < j["dictionaries"][0]["metrics"]["final_held_out_l0"] <= 4 for j in details)
         from ray.job_submission import JobSubmissionClient
 
         ray_jobs = {j.submission_id: j for j in JobSubmissionClient(ray_address).list_jobs()}
