@@ -57,6 +57,7 @@ class ActivationBuffer:
                  seed: int = 0, total_tokens: int | None = None, cache: dict | None = None,
                  held_out: list | None = None, in_flight: int = 2):
         self.producers = producers
+        self._shared: dict[tuple[int, int], list] = {}  # (group, step) -> [future of the batch, consumers left]
         self.pool: asyncio.Queue = asyncio.Queue(maxsize=capacity)
         self.capacity = capacity
         self.mix_batches = mix_batches
@@ -108,8 +109,11 @@ class ActivationBuffer:
                 try:
                     meta = await meta_ref
                     batch = await batch_ref if meta["tokens"] else {}
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                    # Ray retries calls on a restarted producer; this is the fallback when it gave up
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
+                    # Ray retries calls on a restarted producer; this is the fallback when it gave up. A producer
+                    # whose __init__ failed (bad data, a refused spec) will not come back: fail at once.
+                    if getattr(error, "actor_init_failed", False):
+                        raise
                     failures += 1
                     self.retries += 1
                     if failures > 8:
@@ -228,6 +232,18 @@ class ActivationBuffer:
                 await self.close_cache()  # the last batch waits until the cache is complete
         return [batch_ref]
 
+    async def next_shared(self, group: int, step: int, members: int) -> list:
+        """The batch of step `step` for a group of `members` consumers that share batches (the latent shards of
+        one data-parallel replica): the first to ask takes the next batch, the others get the same ObjectRef."""
+        key = (group, step)
+        if key not in self._shared:
+            self._shared[key] = [asyncio.ensure_future(self.next()), members]
+        entry = self._shared[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._shared[key]
+        return await asyncio.shield(entry[0])
+
     async def start(self) -> None:
         """Start pulling now (otherwise the first next() does)."""
         self._start()
@@ -330,13 +346,10 @@ def log_stats_periodically(buffer, log: Callable[[dict, int], None], every_s: fl
 
 def start_buffer(spec, producers: list, held_out=None, job_id: str | None = None, with_cache: bool = True):
     """The job's buffer actor; with data.cache.write it writes the stream handed out to the cache."""
-    from services.producer import hook_names
-
     total = spec.training.steps * spec.training.batch_tokens * spec.cluster.trainer_ranks
     cache = None
     if with_cache and spec.data.cache.write is not None:
         hooks = [{"name": h.name, "layer": h.layer, "site": h.site} for h in spec.hooks()]
-        assert [h["name"] for h in hooks] == hook_names(spec)
         cache = {"uri": spec.data.cache.write, "shard_tokens": spec.data.cache.shard_tokens,
                  "dtype": spec.model.dtype, "info": [producers[0].info.remote()],
                  "manifest": {"hooks": hooks, "context_length": spec.data.context_length,
