@@ -11,7 +11,7 @@ SAEFORGE_ALLOW_TRUST_REMOTE_CODE  "true" lets a JobSpec set model.trust_remote_c
 SAEFORGE_MODEL_ROOTS / SAEFORGE_DATA_ROOTS  comma-separated folders that model / data paths must lie under
                           (unset: any local path the service can read, for a laptop)
 SAEFORGE_JOB_COMMAND      the command a Ray job runs (default: `saeforge`, or this Python for the local Ray)
-SAEFORGE_LOCAL_RAY_CPUS   logical CPUs of the embedded Ray (default max(cores, 2 × max running jobs))
+SAEFORGE_LOCAL_RAY_CPUS   logical CPUs of the embedded Ray (default max(cores, 3 × max running jobs))
 SAEFORGE_POLL_SECONDS     how often the scheduler reconciles with Ray (default 2)
 SAEFORGE_MLFLOW_UI_URL    base URL of the MLflow UI for links (default: the tracking URI when it is http)
 """
@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TRUE = {"1", "true", "yes", "on"}
+# Logical CPUs a default job holds on Ray: a producer, the splice evaluator and a trainer rank. The embedded Ray
+# offers this many per running job, so that admitted jobs never wait on each other for CPUs.
+CPUS_PER_JOB = 3
 
 
 class SettingsError(ValueError):
@@ -96,7 +99,7 @@ class Settings:
             raise SettingsError("SAEFORGE_MAX_RUNNING_JOBS must be at least 1")
         ray_address = env.get("SAEFORGE_RAY_ADDRESS") or None
         default_command = "saeforge" if ray_address else f"{sys.executable} -m api.cli"
-        cpus = int(env.get("SAEFORGE_LOCAL_RAY_CPUS") or max(os.cpu_count() or 1, 2 * max_running))
+        cpus = int(env.get("SAEFORGE_LOCAL_RAY_CPUS") or max(os.cpu_count() or 1, CPUS_PER_JOB * max_running))
         mlflow_uri = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
         return cls(
             home=home,

@@ -83,7 +83,7 @@ def ray_home(tmp_path_factory):
     through $home/ray/ray.json, as a restarted `serve` does."""
     home = tmp_path_factory.mktemp("service-home")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    start_local_ray(home, num_cpus=4)
+    start_local_ray(home, num_cpus=6)  # two default jobs at once (3 logical CPUs each)
     yield home
     stop_local_ray(home)
 

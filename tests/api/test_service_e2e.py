@@ -40,7 +40,8 @@ SWEEP = {
 LOAD = {
     "name": "load", "model": {"random": {**TINY_MODEL["random"], "num_layers": 1}}, "hook": {"layer": 0},
     "data": {"context_length": 64}, "dictionaries": [{"name": "d", "latents": 64, "k": 4, "initialization": "random"}],
-    "training": {"tokens": 512, "batch_tokens": 256, "warmup_steps": 0, "log_every_steps": 1, "eval_tokens": 256},
+    "training": {"tokens": 512, "batch_tokens": 256, "warmup_steps": 0, "log_every_steps": 1, "eval_tokens": 256,
+                 "splice_eval_tokens": 0},
     "tracking": {"experiment": "load"},
 }
 
@@ -239,6 +240,7 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
 def test_twenty_jobs_at_once(tmp_path, ray_address):
     max_running = 2
     server = ApiServer(tmp_path / "home", {"SAEFORGE_RAY_ADDRESS": ray_address,
+                                           "SAEFORGE_JOB_COMMAND": f"{sys.executable} -m api.cli",
                                            "SAEFORGE_MAX_RUNNING_JOBS": str(max_running)}).start()
     try:
         with server.client() as client:
