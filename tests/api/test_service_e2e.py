@@ -236,20 +236,25 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-@pytest.mark.timeout(1800)
+# 20 jobs as the acceptance asks; SAEFORGE_TEST_LOAD_JOBS lowers it where CI time is short (each tiny job still
+# starts ~5 Python processes that import torch, so 20 of them take minutes on 2 cores).
+LOAD_JOBS = int(os.environ.get("SAEFORGE_TEST_LOAD_JOBS", "20"))
+
+
+@pytest.mark.timeout(2400)
 def test_twenty_jobs_at_once(tmp_path, ray_address):
-    max_running = 2
+    max_running, n = 2, LOAD_JOBS
     server = ApiServer(tmp_path / "home", {"SAEFORGE_RAY_ADDRESS": ray_address,
                                            "SAEFORGE_JOB_COMMAND": f"{sys.executable} -m api.cli",
                                            "SAEFORGE_MAX_RUNNING_JOBS": str(max_running)}).start()
     try:
         with server.client() as client:
-            with ThreadPoolExecutor(20) as pool:
-                responses = list(pool.map(lambda _: client.post("/v1/jobs", json=LOAD), range(20)))
-            assert [r.status_code for r in responses] == [201] * 20
+            with ThreadPoolExecutor(n) as pool:
+                responses = list(pool.map(lambda _: client.post("/v1/jobs", json=LOAD), range(n)))
+            assert [r.status_code for r in responses] == [201] * n
             ids = {r.json()["id"] for r in responses}
-            assert len(ids) == 20
-            deadline, peak = time.monotonic() + 1700, 0
+            assert len(ids) == n
+            deadline, peak = time.monotonic() + 2300, 0
             while time.monotonic() < deadline:
                 jobs = client.get("/v1/jobs", params={"limit": 500}).json()["items"]
                 assert {j["id"] for j in jobs} == ids  # none lost
@@ -259,7 +264,7 @@ def test_twenty_jobs_at_once(tmp_path, ray_address):
                 time.sleep(2)
             assert peak <= max_running
             details = [client.get(f"/v1/jobs/{i}").json() for i in ids]
-        assert [j["state"] for j in details] == ["succeeded"] * 20, [(j["id"], j["message"]) for j in details]
+        assert [j["state"] for j in details] == ["succeeded"] * n, [(j["id"], j["message"]) for j in details]
         assert all(0 < j["dictionaries"][0]["metrics"]["final_held_out_l0"] <= 4 for j in details)
         from ray.job_submission import JobSubmissionClient
 
