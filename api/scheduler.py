@@ -13,6 +13,7 @@ import logging
 import shlex
 import threading
 import time
+from urllib.parse import urlsplit
 
 from api.progress import snapshot
 from api.rayjobs import RayJobInfo, RayJobs, RayUnavailable
@@ -157,7 +158,11 @@ class Scheduler:
                 raise
 
     def _submit(self, job: Job) -> None:
-        env = {"MLFLOW_TRACKING_URI": self.settings.mlflow_uri, "SAEFORGE_HOME": str(self.settings.home)}
+        env = {"SAEFORGE_HOME": str(self.settings.home)}
+        if "@" not in urlsplit(self.settings.mlflow_uri).netloc:
+            # A URI with credentials is not copied into the Ray job (Ray shows a job's env in its dashboard):
+            # the cluster's pods get MLFLOW_TRACKING_URI from their own configuration (the Helm chart sets it).
+            env["MLFLOW_TRACKING_URI"] = self.settings.mlflow_uri
         self.ray.submit(job.id, entrypoint(self.settings.job_command, job), env)
         log.info("job %s submitted to Ray (attempt %d)", job.id, job.attempts)
 

@@ -87,7 +87,7 @@ class FakeRay:
     def submit(self, job_id, entrypoint, env):
         if self.down:
             raise RayUnavailable("down")
-        assert "--job-id" in entrypoint and env["MLFLOW_TRACKING_URI"]
+        assert "--job-id" in entrypoint and env["MLFLOW_TRACKING_URI"].startswith("sqlite:")
         self.jobs.setdefault(job_id, "RUNNING")
         self.submitted.append(job_id)
 
@@ -170,6 +170,20 @@ def test_entrypoint_quotes_the_spec():
     import shlex
 
     assert shlex.split(command)[-1] == '{"name": "it\'s"}'
+
+
+def test_credentials_in_the_tracking_uri_stay_out_of_the_ray_job(store, tmp_path):
+    settings = Settings.from_env({"SAEFORGE_HOME": str(tmp_path), "SAEFORGE_RAY_ADDRESS": "http://127.0.0.1:1",
+                                  "MLFLOW_TRACKING_URI": "postgresql://user:pw@db/mlflow"})
+    seen = {}
+
+    class Ray(FakeRay):
+        def submit(self, job_id, entrypoint, env):
+            seen.update(env)
+
+    _create(store, "a")
+    Scheduler(settings, store, Ray(), NoMlflow()).tick()
+    assert "MLFLOW_TRACKING_URI" not in seen and seen["SAEFORGE_HOME"] == str(tmp_path.resolve())
 
 
 def test_token_settings(tmp_path):
