@@ -346,7 +346,9 @@ def log_stats_periodically(buffer, log: Callable[[dict, int], None], every_s: fl
 
 def start_buffer(spec, producers: list, held_out=None, job_id: str | None = None, with_cache: bool = True):
     """The job's buffer actor; with data.cache.write it writes the stream handed out to the cache."""
-    total = spec.training.steps * spec.training.batch_tokens * spec.cluster.trainer_ranks
+    total = getattr(spec, "total_tokens", None)  # tokens the job's trainers take in all
+    if total is None:
+        total = spec.training.steps * spec.training.batch_tokens * spec.cluster.trainer_ranks
     cache = None
     if with_cache and spec.data.cache.write is not None:
         hooks = [{"name": h.name, "layer": h.layer, "site": h.site} for h in spec.hooks()]
