@@ -243,6 +243,9 @@ class ClusterSpec(Strict):
     ray_address: str | None = Field(None, description="join this Ray cluster; default: RAY_ADDRESS or a local Ray")
     producers: Annotated[int, Field(ge=1)] = 1
     trainer_ranks: Annotated[int, Field(ge=1)] = 1
+    latent_shards: Annotated[int, Field(ge=1)] = Field(
+        1, description="ranks that split each dictionary's latents; trainer_ranks / latent_shards replicas "
+                       "train on different batches (data parallel)")
     zero_stage: Literal[0, 1, 2] = 1
     buffer_batches: Annotated[int, Field(ge=1)] = 4
     use_gpu: Literal["auto", "yes", "no"] = "auto"
@@ -291,12 +294,32 @@ class JobSpec(Strict):
             raise ValueError(f"dictionaries: the names {duplicates} are used twice; give each dictionary a "
                              "distinct name")
         for i, d in enumerate(self.dictionaries):
-            if d.latents is not None and d.latents % self.cluster.trainer_ranks:
+            if d.latents is not None and d.latents % self.cluster.latent_shards:
                 raise ValueError(
-                    f"dictionaries[{i}].latents ({d.latents}) must be divisible by cluster.trainer_ranks "
-                    f"({self.cluster.trainer_ranks}); change one of them"
+                    f"dictionaries[{i}].latents ({d.latents}) must be divisible by cluster.latent_shards "
+                    f"({self.cluster.latent_shards}); change one of them"
                 )
+        if self.cluster.trainer_ranks % self.cluster.latent_shards:
+            raise ValueError(f"cluster.trainer_ranks ({self.cluster.trainer_ranks}) must be a multiple of "
+                             f"cluster.latent_shards ({self.cluster.latent_shards}); change one of them")
+        if self.training.tokens < self.training.batch_tokens * self.replicas:
+            raise ValueError(f"training.tokens ({self.training.tokens}) is less than one step of the "
+                             f"{self.replicas} data-parallel replicas; raise tokens or lower batch_tokens")
         return self
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas: each takes its own batch per step."""
+        return self.cluster.trainer_ranks // self.cluster.latent_shards
+
+    @property
+    def steps(self) -> int:
+        return self.training.tokens // (self.training.batch_tokens * self.replicas)
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens the job trains on: whole steps of every replica."""
+        return self.steps * self.training.batch_tokens * self.replicas
 
     def hook_of(self, index: int) -> HookSpec:
         return self.dictionaries[index].hook or self.hook
@@ -330,9 +353,9 @@ class JobSpec(Strict):
             if d.k >= latents:
                 raise ValueError(f"dictionaries[{i}].k ({d.k}) must be smaller than latents ({latents}); lower k "
                                  "or raise latents/expansion_factor")
-            if latents % self.cluster.trainer_ranks:
+            if latents % self.cluster.latent_shards:
                 raise ValueError(f"dictionaries[{i}] has {latents} latents, not divisible by "
-                                 f"cluster.trainer_ranks ({self.cluster.trainer_ranks}); change one of them")
+                                 f"cluster.latent_shards ({self.cluster.latent_shards}); change one of them")
 
 
 class JobSpecError(ValueError):

@@ -49,14 +49,19 @@ def lr_lambda(total_steps: int, warmup_steps: int, decay_fraction: float = 0.2):
     return factor
 
 
-def build_engine(model: nn.Module, lr: float, total_steps: int, warmup_steps: int, zero_stage: int, bf16: bool):
-    """deepspeed.initialize with torch's Adam and our schedule; returns the engine."""
+def build_engine(model: nn.Module, lr: float, total_steps: int, warmup_steps: int, zero_stage: int, bf16: bool,
+                 mpu=None):
+    """deepspeed.initialize with torch's Adam and our schedule; returns the engine.
+
+    `mpu` (a trainers.parallel.ShardMesh) tells DeepSpeed which ranks are data-parallel replicas of the same
+    parameters: it reduces gradients and partitions ZeRO state over those only, never across latent shards.
+    """
     import deepspeed
 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     # A callable: DeepSpeed builds the schedule on the optimizer it wraps (ZeRO's), not on the bare one.
     schedule = lr_lambda(total_steps, warmup_steps)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(zero_stage, bf16),
+        model=model, optimizer=optimizer, config=deepspeed_config(zero_stage, bf16), mpu=mpu,
         lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule))
     return engine

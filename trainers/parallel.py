@@ -88,6 +88,9 @@ class ShardMesh:
     def get_data_parallel_world_size(self) -> int:
         return self.replicas
 
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(range(self.shard, self.world, self.shards))
+
     def get_model_parallel_group(self):
         return self.shard_group if self.shard_group is not None else dist.group.WORLD
 
@@ -119,6 +122,22 @@ class ShardMesh:
         kept = gathered.topk(per_row, dim=1, sorted=False).indices
         mask = torch.zeros_like(gathered, dtype=torch.bool).scatter_(1, kept, True)
         return self.own_columns(mask, values.shape[1])
+
+    def gather_latents(self, tensor: Tensor, dim: int = 0) -> Tensor:
+        """Every shard's slice of a per-latent tensor, concatenated along `dim` in latent order (all ranks)."""
+        if not self.sharded:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.shards)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.shard_group)
+        return torch.cat(parts, dim=dim)
+
+    def sum_over(self, tensor: Tensor, group: str) -> Tensor:
+        """In-place SUM all-reduce over the "shards" of this replica or the data-parallel "replicas"."""
+        size, handle = ((self.shards, self.shard_group) if group == "shards"
+                        else (self.replicas, self.data_parallel_group))
+        if size > 1:
+            dist.all_reduce(tensor, group=handle)
+        return tensor
 
     def sum_across_shards(self, partial: Tensor) -> Tensor:
         return _SumAcrossShards.apply(partial, self.shard_group) if self.sharded else partial

@@ -1,8 +1,10 @@
 """The Ray Train worker entry: the per-rank training loop of every dictionary in a job.
 
-Each rank pulls its own batches from the ActivationBuffer (data parallel across ranks; DeepSpeed reduces
-the gradients), trains every dictionary of the job on the hook it reads, sends metrics to the JobMonitor,
-checkpoints through Ray Train, and at the end evaluates on held-out activations and exports (rank 0).
+Ranks form data-parallel replicas of `cluster.latent_shards` latent shards (trainers/parallel.py). The
+shards of a replica take the same batch from the ActivationBuffer and each trains its slice of every
+dictionary; replicas take different batches and DeepSpeed averages their gradients. Rank 0 sends metrics to
+the JobMonitor; every rank checkpoints through Ray Train; at the end the shards are gathered for held-out
+evaluation and the export (rank 0 writes).
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ import numpy as np
 import ray
 import ray.train
 import torch
-import torch.distributed as dist
 
 from api.jobspec import JobSpec
 from storage.export import saelens_config, save_saelens
 from storage.uri import join
 from trainers.engine import build_engine, distributed_backend, use_bf16
-from trainers.metrics import FiringTracker, l0
+from trainers.metrics import FiringTracker
+from trainers.parallel import ShardMesh
 from trainers.sae import SparseAutoencoder, sae_config_from_spec
 
 STATE_FILE = "trainer_state.json"
@@ -40,30 +42,28 @@ class Dictionary:
     init_info: dict
 
 
-def _fetch(buffer) -> dict[str, np.ndarray]:
-    """The next batch; its arrays are read-only views of the object store (zero-copy), never written to."""
-    [ref] = ray.get(buffer.next.remote())
+def _fetch(buffer, mesh: ShardMesh, step: int) -> dict[str, np.ndarray]:
+    """This replica's batch of `step`: the shards of a replica share one ObjectRef. The arrays are read-only
+    views of the object store (zero-copy), never written to."""
+    if mesh.sharded:
+        [ref] = ray.get(buffer.next_shared.remote(mesh.replica, step, mesh.shards))
+    else:
+        [ref] = ray.get(buffer.next.remote())
     return ray.get(ref)
 
 
-def _all_reduce_(tensor: torch.Tensor, world: int, op=None) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor
-
-
-def _build(spec: JobSpec, index: int, sample: np.ndarray, device: torch.device) -> Dictionary:
+def _build(spec: JobSpec, index: int, sample: np.ndarray, device: torch.device, mesh: ShardMesh) -> Dictionary:
     dictionary = spec.dictionaries[index]
     d_model = sample.shape[1]
     latents = dictionary.resolved_latents(d_model)
     cfg = sae_config_from_spec({**dictionary.model_dump(), "latents": latents}, d_model)
-    sae = SparseAutoencoder(cfg, device=device)
+    sae = SparseAutoencoder(cfg, device=device, mesh=mesh)
     generator = torch.Generator().manual_seed(spec.training.seed + index)
     info = sae.initialize(_tensor(sample).to(device), generator=generator)
-    engine = build_engine(sae, lr=dictionary.resolved_lr(d_model), total_steps=spec.training.steps,
+    engine = build_engine(sae, lr=dictionary.resolved_lr(d_model), total_steps=spec.steps,
                           warmup_steps=spec.training.warmup_steps, zero_stage=spec.cluster.zero_stage,
-                          bf16=use_bf16(spec.training.precision, device))
-    tracker = FiringTracker(latents, dictionary.dead_window_tokens, device=device)
+                          bf16=use_bf16(spec.training.precision, device), mpu=mesh if mesh.world > 1 else None)
+    tracker = FiringTracker(sae.latent_stop - sae.latent_start, dictionary.dead_window_tokens, device=device)
     return Dictionary(spec.dictionary_name(index), spec.hook_of(index).name, sae, engine, tracker, info)
 
 
@@ -90,19 +90,28 @@ def _save_checkpoint(dictionaries: list[Dictionary], step: int, tokens: int, met
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _restore(dictionaries: list[Dictionary], device: torch.device) -> tuple[int, int]:
+def _checkpointed_position() -> tuple[int, int]:
+    """(step, tokens) of the checkpoint Ray Train restarts this group from; (0, 0) on a fresh start."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, 0
     with checkpoint.as_directory() as folder:
+        state = json.loads((Path(folder) / STATE_FILE).read_text())
+    return state["step"], state["tokens"]
+
+
+def _restore(dictionaries: list[Dictionary], device: torch.device) -> None:
+    """Weights, optimizer state, firing statistics and RNG from the checkpoint, if Ray Train passed one."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as folder:
         for d in dictionaries:
             _, client = d.engine.load_checkpoint(str(Path(folder) / d.name), tag="state")
             d.tracker.tokens_since_fired.copy_(client["tokens_since_fired"].to(device))
-        state = json.loads((Path(folder) / STATE_FILE).read_text())
         rng = Path(folder) / f"rng_rank{ray.train.get_context().get_world_rank()}.pt"
         if rng.is_file():
             torch.set_rng_state(torch.load(rng))
-    return state["step"], state["tokens"]
 
 
 def train_worker(config: dict) -> None:
@@ -113,24 +122,26 @@ def train_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     deepspeed.init_distributed(dist_backend=distributed_backend(device), auto_mpi_discovery=False)
+    mesh = ShardMesh.build(world, rank, spec.cluster.latent_shards)
     torch.manual_seed(spec.training.seed)
     buffer, monitor = config["buffer"], config["monitor"]
 
-    batch = _fetch(buffer)
-    dictionaries = [_build(spec, i, batch[spec.hook_of(i).name], device)
+    start_step, tokens = _checkpointed_position()
+    batch = _fetch(buffer, mesh, start_step)
+    dictionaries = [_build(spec, i, batch[spec.hook_of(i).name], device, mesh)
                     for i in range(len(spec.dictionaries))]
     if rank == 0:
         for d in dictionaries:
             monitor.report.remote(d.name, 0, 0, {f"init_{k}": float(v) for k, v in d.init_info.items()})
-    start_step, tokens = _restore(dictionaries, device)
-    total_steps = spec.training.steps
-    rows_per_step = spec.training.batch_tokens * world
+    _restore(dictionaries, device)
+    total_steps = spec.steps
+    rows_per_step = spec.training.batch_tokens * mesh.replicas
     window: dict[str, list[torch.Tensor]] = {d.name: [] for d in dictionaries}
     window_started = loop_started = time.perf_counter()
 
     for step in range(start_step, total_steps):
         if step > start_step:
-            batch = _fetch(buffer)
+            batch = _fetch(buffer, mesh, step)
         progress = step / total_steps
         for d in dictionaries:
             x = _input(d, batch, device)
@@ -138,30 +149,32 @@ def train_worker(config: dict) -> None:
             d.engine.backward(out.loss)
             d.engine.step()
             with torch.no_grad():
-                fired = _all_reduce_(d.tracker.batch_counts(out.latent_acts, out.latent_indices), world)
+                fired = mesh.sum_over(d.tracker.batch_counts(out.latent_acts, out.latent_indices), "replicas")
                 d.tracker.update_counts(fired, rows_per_step)
+                active = (out.latent_acts > 0).sum(dim=-1).float().mean()  # this shard's part of L0
                 window[d.name].append(torch.stack([out.fvu.detach().float(), out.auxk_loss.detach().float(),
-                                                   out.loss.detach().float(),
-                                                   torch.tensor(l0(out.latent_acts), device=device)]))
+                                                   out.loss.detach().float(), active.float()]))
         tokens += rows_per_step
         last = step + 1 == total_steps
         if (step + 1) % spec.training.log_every_steps == 0 or last:
             elapsed = time.perf_counter() - window_started
             for d in dictionaries:
-                means = _all_reduce_(torch.stack(window[d.name]).mean(dim=0), world) / world
+                means = mesh.sum_over(torch.stack(window[d.name]).mean(dim=0), "replicas") / mesh.replicas
                 window[d.name] = []
+                l0, dead, dense = _across_shards(mesh, d, means[3])
                 metrics = {"fvu": float(means[0]), "explained_variance": 1 - float(means[0]),
-                           "auxk_loss": float(means[1]), "loss": float(means[2]), "l0": float(means[3]),
-                           "dead_fraction": d.tracker.dead_fraction(), "dense_fraction": d.tracker.dense_fraction(),
-                           "lr": d.engine.get_lr()[0],
+                           "auxk_loss": float(means[1]), "loss": float(means[2]), "l0": l0,
+                           "dead_fraction": dead, "dense_fraction": dense, "lr": d.engine.get_lr()[0],
                            "tokens_per_s": spec.training.log_every_steps * rows_per_step / max(elapsed, 1e-9)}
                 if rank == 0:
                     monitor.report.remote(d.name, step + 1, tokens, metrics)
             window_started = time.perf_counter()
         evaluator, every_eval = config.get("evaluator"), spec.training.eval_every_steps
-        if evaluator is not None and rank == 0 and every_eval and (step + 1) % every_eval == 0 and not last:
+        if evaluator is not None and every_eval and (step + 1) % every_eval == 0 and not last:
             for index, d in enumerate(dictionaries):  # fire and forget: the evaluator reports to the monitor
-                evaluator.evaluate.remote(index, d.sae.cfg, _cpu_state(d), step + 1, tokens)
+                state = _full_state(d, mesh)  # every rank takes part in the gather
+                if rank == 0:
+                    evaluator.evaluate.remote(index, d.sae.cfg, state, step + 1, tokens)
         every = spec.training.checkpoint_every_steps
         if every and (step + 1) % every == 0 and not last:
             _save_checkpoint(dictionaries, step + 1, tokens, {"step": step + 1, "tokens": tokens})
@@ -169,40 +182,68 @@ def train_worker(config: dict) -> None:
     train_seconds = time.perf_counter() - loop_started
     held_out = ray.get(config["held_out"]) if config.get("held_out") is not None else None
     for index, d in enumerate(dictionaries):
-        result = _finish(spec, index, d, held_out, tokens, config, device)
+        result = _finish(spec, index, d, held_out, tokens, config, device, mesh)
         result["train_seconds"] = train_seconds
         if rank == 0:
             monitor.finish.remote(d.name, result)
     ray.train.report({"step": total_steps, "tokens": tokens})
 
 
-def _cpu_state(d: Dictionary) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float().cpu() for k, v in d.engine.module.state_dict().items()}
+def _across_shards(mesh: ShardMesh, d: Dictionary, local_l0: torch.Tensor) -> tuple[float, float, float]:
+    """L0, dead fraction and dense fraction of the whole dictionary from this shard's parts."""
+    counts = torch.stack([local_l0.float(), d.tracker.dead_mask().sum().float(),
+                          (d.tracker.firing_frequencies() > 0.1).sum().float()])
+    counts = mesh.sum_over(counts, "shards")
+    latents = d.sae.cfg.latents
+    return float(counts[0]), float(counts[1]) / latents, float(counts[2]) / latents
+
+
+# Per-latent entries of the state dict and export tensors, and the dimension they are split along.
+LATENT_DIMS = {"W_enc": 0, "b_enc": 0, "W_dec": 0, "log_threshold": 0}
+EXPORT_LATENT_DIMS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}
+
+
+def _full_state(d: Dictionary, mesh: ShardMesh) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on the CPU (a collective: every rank of the shard group calls it)."""
+    state = {}
+    for key, value in d.engine.module.state_dict().items():
+        value = value.detach().float()
+        state[key] = (mesh.gather_latents(value, LATENT_DIMS[key]) if key in LATENT_DIMS else value).cpu()
+    return state
 
 
 def _finish(spec: JobSpec, index: int, d: Dictionary, held_out: dict | None, tokens: int, config: dict,
-            device: torch.device) -> dict:
-    """Held-out FVU / L0 and the SAELens export of one dictionary (rank 0 writes)."""
-    result = {"tokens": tokens, "dead_window_tokens": d.tracker.window_tokens,
-              "dead_fraction": d.tracker.dead_fraction(), "dense_fraction": d.tracker.dense_fraction(),
-              "never_fired_fraction": float((d.tracker.fire_counts == 0).float().mean()),
-              "firing_frequencies": d.tracker.firing_frequencies().cpu().numpy(), **d.init_info}
+            device: torch.device, mesh: ShardMesh) -> dict:
+    """Held-out FVU / L0, splice metrics and the SAELens export of one dictionary (collective; rank 0 writes)."""
+    _, dead, dense = _across_shards(mesh, d, torch.zeros(()))
+    never = mesh.sum_over((d.tracker.fire_counts == 0).sum().float(), "shards")
+    frequencies = mesh.gather_latents(d.tracker.firing_frequencies())
+    result = {"tokens": tokens, "dead_window_tokens": d.tracker.window_tokens, "dead_fraction": dead,
+              "dense_fraction": dense, "never_fired_fraction": float(never) / d.sae.cfg.latents,
+              "firing_frequencies": frequencies.cpu().numpy(), "latent_shards": mesh.shards,
+              "replicas": mesh.replicas, **d.init_info}
     sae = d.engine.module
     if held_out is not None and len(held_out[d.hook_name]):
+        sae.eval()
         with torch.no_grad():
             out = sae(_input(d, held_out, device))
-        result.update(held_out_fvu=float(out.fvu), held_out_l0=l0(out.latent_acts),
+        sae.train()
+        active = mesh.sum_over((out.latent_acts > 0).sum(dim=-1).float().mean(), "shards")
+        result.update(held_out_fvu=float(out.fvu), held_out_l0=float(active),
                       held_out_tokens=len(held_out[d.hook_name]))
-    if ray.train.get_context().get_world_rank() == 0 and config.get("evaluator") is not None:
-        result.update(ray.get(config["evaluator"].evaluate.remote(index, sae.cfg, _cpu_state(d), spec.training.steps,
-                                                                   tokens)))
-    if ray.train.get_context().get_world_rank() == 0:
+    rank = ray.train.get_context().get_world_rank()
+    if config.get("evaluator") is not None:
+        state = _full_state(d, mesh)
+        if rank == 0:
+            result.update(ray.get(config["evaluator"].evaluate.remote(index, sae.cfg, state, spec.steps, tokens)))
+    tensors = {name: mesh.gather_latents(t, EXPORT_LATENT_DIMS[name]) if name in EXPORT_LATENT_DIMS else t
+               for name, t in sae.export_tensors().items()}
+    if rank == 0:
         hook = spec.hook_of(index)
         metadata = {"model_name": spec.model.label, "hook_name": hook.name, "hook_layer": hook.layer,
                     "hook_site": hook.site, "context_size": spec.data.context_length,
                     "training_tokens": tokens, "dataset_path": spec.data.source, "job_id": config["job_id"],
                     "dictionary_name": d.name, "prepend_bos": True, "sae_lens_training_version": None}
-        tensors = sae.export_tensors()
         cfg = saelens_config(sae.cfg.d_in, sae.cfg.latents, sae.export_config(), metadata)
         result["saelens_uri"] = save_saelens(join(config["output_uri"], "dictionaries", d.name), tensors, cfg)
     return result

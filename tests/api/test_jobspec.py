@@ -78,9 +78,17 @@ def test_latents_and_expansion_factor_are_exclusive():
         parse_job_spec({"dictionaries": [{"latents": 256, "expansion_factor": 4}]})
 
 
-def test_latents_divisible_by_ranks():
-    with pytest.raises(JobSpecError, match=r"latents \(1000\) must be divisible by cluster.trainer_ranks \(3\)"):
-        parse_job_spec({"dictionaries": [{"latents": 1000}], "cluster": {"trainer_ranks": 3}})
+def test_latents_divisible_by_latent_shards():
+    with pytest.raises(JobSpecError, match=r"latents \(1000\) must be divisible by cluster.latent_shards \(3\)"):
+        parse_job_spec({"dictionaries": [{"latents": 1000}], "cluster": {"trainer_ranks": 3, "latent_shards": 3}})
+
+
+def test_ranks_are_whole_replicas_of_the_shards():
+    with pytest.raises(JobSpecError, match=r"cluster.trainer_ranks \(3\) must be a multiple of cluster.latent_shards"):
+        parse_job_spec({"cluster": {"trainer_ranks": 3, "latent_shards": 2}})
+    spec = parse_job_spec({"cluster": {"trainer_ranks": 4, "latent_shards": 2},
+                           "training": {"tokens": 40960, "batch_tokens": 4096}})
+    assert spec.replicas == 2 and spec.steps == 5 and spec.total_tokens == 40960
 
 
 def test_layer_beyond_model_depth_once_model_known():
