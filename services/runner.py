@@ -211,7 +211,7 @@ def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, act
                               "lr": str(d.resolved_lr(d_model)), "d_in": str(d_model)},
                              _dictionary_tags(spec, i, d_model))
     latest: dict[str, dict[str, float]] = {}
-    tokens_total = spec.training.steps * spec.training.batch_tokens * spec.cluster.trainer_ranks
+    tokens_total = spec.total_tokens
     while True:
         alive = thread.is_alive()
         records = ray.get(monitor.drain.remote())
@@ -231,9 +231,9 @@ def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, act
     results = ray.get(monitor.final_results.remote())
     buffer_stats = ray.get(buffer.stats.remote())
     tracking.log_metrics(tracking.parent_run_id, {f"buffer_{k}": v for k, v in buffer_stats.items()},
-                         step=spec.training.steps)
+                         step=spec.steps)
     for name, result in results.items():
-        _log_result(tracking, name, result, spec.training.steps, output_uri)
+        _log_result(tracking, name, result, spec.steps, output_uri)
     return results
 
 
