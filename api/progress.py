@@ -12,9 +12,11 @@ DEFAULT_UI = "http://127.0.0.1:5000"
 
 
 def tokens_total(spec: dict[str, Any]) -> int:
-    training = spec.get("training", {})
-    steps = int(training.get("tokens", 0)) // max(int(training.get("batch_tokens", 1)), 1)
-    return steps * int(training.get("batch_tokens", 0)) * int(spec.get("cluster", {}).get("trainer_ranks", 1))
+    """The tokens a stored JobSpec trains on (JobSpec.total_tokens, from the dict: its files may be gone)."""
+    training, cluster = spec.get("training", {}), spec.get("cluster", {})
+    batch = max(int(training.get("batch_tokens", 1)), 1)
+    replicas = max(int(cluster.get("trainer_ranks", 1)) // max(int(cluster.get("latent_shards", 1)), 1), 1)
+    return int(training.get("tokens", 0)) // (batch * replicas) * batch * replicas
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
