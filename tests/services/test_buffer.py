@@ -36,7 +36,7 @@ def spec(tmp_path_factory) -> JobSpec:
     rng = np.random.default_rng(1)
     words = ["alpha", "beta", "gamma", "delta", "sigma", "omega", "theta", "kappa"]
     path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words, size=int(rng.integers(20, 80))))})
-                              for _ in range(20)))
+                              for _ in range(14)))
     return JobSpec.model_validate({
         "model": {"random": {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "intermediate_size": 32}},
         "hook": {"layer": 1}, "dictionaries": [{"k": 4}, {"hook": {"layer": 0, "site": "attn_out"}, "k": 4}],

@@ -39,11 +39,18 @@ def jobs(s3_server, tmp_path_factory):
         "data": {"cache": {"read": CACHE, "shuffle_shards": 2}},
         "dictionaries": [{"name": "cached-topk", "expansion_factor": 2, "k": 8}],
         "training": {**TRAINING, "tokens": 512 * 6}, "tracking": {"experiment": "streaming"}})
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("SAEFORGE_HOME", str(home))
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        first = run_job(sweep, quiet=True)
-        second = run_job(from_cache, quiet=True)
+    import ray
+
+    # one Ray for both jobs (run_job joins a running Ray and leaves it up): one start-up instead of two
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=512 << 20)
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("SAEFORGE_HOME", str(home))
+            env.delenv("MLFLOW_TRACKING_URI", raising=False)
+            first = run_job(sweep, quiet=True)
+            second = run_job(from_cache, quiet=True)
+    finally:
+        ray.shutdown()
     return sweep, first, from_cache, second
 
 
