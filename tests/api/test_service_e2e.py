@@ -241,6 +241,7 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
 LOAD_JOBS = int(os.environ.get("SAEFORGE_TEST_LOAD_JOBS", "20"))
 
 
+@pytest.mark.load
 @pytest.mark.timeout(2400)
 def test_twenty_jobs_at_once(tmp_path, ray_address):
     max_running, n = 2, LOAD_JOBS

@@ -1,0 +1,46 @@
+"""One rank of the two-rank sharding comparison in test_parallel.py, run as its own process:
+python sharded_worker.py RANK WORLD INIT_URL OUT_FILE."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from trainers.parallel import ShardMesh
+from trainers.sae import SAEConfig, SparseAutoencoder
+
+D, M, N, K = 16, 64, 40, 4
+ARCHITECTURES = ["topk", "batchtopk", "relu", "jumprelu"]
+
+
+def data():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=generator) * 2 + 0.5
+    dead = torch.zeros(M, dtype=torch.bool)
+    dead[::3] = True
+    return x, dead
+
+
+def run(architecture: str, mesh: ShardMesh | None) -> dict:
+    x, dead = data()
+    cfg = SAEConfig(d_in=D, latents=M, k=K, architecture=architecture, k_aux=8, initialization="random",
+                    sparsity_warmup=0.0)
+    sae = SparseAutoencoder(cfg, mesh=mesh)
+    sae.initialize(x, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # a trained-looking encoder: not exactly the decoder's transpose
+        sae.W_enc.add_(0.3 * torch.randn(M, D, generator=torch.Generator().manual_seed(2))[
+            sae.latent_start:sae.latent_stop])
+    out = sae(x, dead_mask=dead[sae.latent_start:sae.latent_stop])
+    out.loss.backward()
+    return {"loss": out.loss.detach(), "fvu": out.fvu.detach(), "auxk": out.auxk_loss.detach(),
+            "x_hat": out.x_hat.detach(), "grads": {n: p.grad.clone() for n, p in sae.named_parameters()},
+            "range": (sae.latent_start, sae.latent_stop)}
+
+
+if __name__ == "__main__":
+    rank, world, init, out_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    mesh = ShardMesh.build(world, rank, shards=world)
+    torch.save({arch: run(arch, mesh) for arch in ARCHITECTURES}, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
