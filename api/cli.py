@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from api.jobspec import JobSpecError, load_job_spec, parse_job_spec
+from api.jobspec import JobSpecError, load_job_spec, parse_job_spec, read_job_spec_file
 
 
 def _progress_printer():
@@ -114,27 +114,6 @@ def _client(args: argparse.Namespace):
     return Client(args.api_url, args.token)
 
 
-def _read_spec_file(path: str) -> dict:
-    import json
-    from pathlib import Path
-
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise JobSpecError(f"job spec file {path!r} not found; give the path of a YAML or JSON file")
-    text = file.read_text()
-    try:
-        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise JobSpecError(f"{path}: not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise JobSpecError(f"{path}: the top level must be a mapping of fields, got {type(data).__name__}")
-    return data
-
-
 def _when(value: str | None) -> str:
     return value.replace("T", " ")[:19] if value else "-"
 
@@ -215,7 +194,7 @@ def _watch(client, job_id: str, poll: float) -> dict:
 
 def command_submit(args: argparse.Namespace) -> int:
     try:
-        data = _read_spec_file(args.job) if args.job else {}
+        data = read_job_spec_file(args.job) if args.job else {}
     except JobSpecError as error:
         print(error, file=sys.stderr)
         return 2

@@ -380,10 +380,8 @@ def parse_job_spec(data: dict[str, Any] | None) -> JobSpec:
         raise JobSpecError(format_validation_error(error)) from None
 
 
-def load_job_spec(path: str | Path | None) -> JobSpec:
-    """Read a JobSpec from a YAML or JSON file; None gives the embedded default job."""
-    if path is None:
-        return parse_job_spec({})
+def read_job_spec_file(path: str | Path) -> dict[str, Any]:
+    """The fields of a YAML or JSON job spec file, not yet validated ({} for an empty file)."""
     path = Path(path)
     if not path.is_file():
         raise JobSpecError(f"job spec file {str(path)!r} not found; give the path of a YAML or JSON file")
@@ -394,4 +392,9 @@ def load_job_spec(path: str | Path | None) -> JobSpec:
         raise JobSpecError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
     if data is not None and not isinstance(data, dict):
         raise JobSpecError(f"{path}: the top level must be a mapping of fields, got {type(data).__name__}")
-    return parse_job_spec(data)
+    return data or {}
+
+
+def load_job_spec(path: str | Path | None) -> JobSpec:
+    """Read a JobSpec from a YAML or JSON file; None gives the embedded default job."""
+    return parse_job_spec({} if path is None else read_job_spec_file(path))
