@@ -375,6 +375,8 @@ def test_mlflow_uri_and_settings_reach_every_pod(helm, values_file):
         main = pod["containers"][0]
         assert env_value(docs, main, "MLFLOW_TRACKING_URI") == uri, name
         assert env_value(docs, main, "SAEFORGE_OUTPUT_ROOT"), name
+        home = env_value(docs, main, "SAEFORGE_HOME")  # the service's scratch must be on a writable volume
+        assert any(home.startswith(m["mountPath"] + "/") for m in main.get("volumeMounts", [])), name
     api = api_container(docs)
     assert env_value(docs, api, "SAEFORGE_ALLOW_TRUST_REMOTE_CODE") == "false"
     assert env_value(docs, api, "SAEFORGE_MAX_RUNNING_JOBS").isdigit()
