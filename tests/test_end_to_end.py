@@ -33,9 +33,12 @@ def test_job_reports_progress_and_a_good_dictionary(tiny_job):
     assert summary["tokens"] == spec.training.tokens
     assert summary["held_out_fvu"] < 0.5, summary
     assert summary["held_out_l0"] == pytest.approx(8.0)
-    # spliced into the whole model on held-out text: the reconstruction beats zero-ablation
-    assert summary["ce_spliced"] < summary["ce_zero_ablated"] and summary["ce_loss_recovered"] > 0.5
+    # Spliced into the whole model on held-out text. A random model predicts near-uniformly whatever its
+    # activations (CE ≈ ln 384 clean, spliced and zero-ablated alike), so only consistency is checked here.
+    for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "delta_lm_loss"):
+        assert np.isfinite(summary[key]), key
     assert summary["delta_lm_loss"] == pytest.approx(summary["ce_spliced"] - summary["ce_clean"])
+    assert abs(summary["delta_lm_loss"]) < 0.1
 
 
 def test_mlflow_has_the_runs_params_metrics_and_artifacts(tiny_job):
