@@ -103,11 +103,7 @@ class ShardMesh:
     # ------------------------------------------------------------------------------------------------------
     def gather_candidates(self, values: Tensor) -> Tensor:
         """[N, c] local candidate values → [N, S·c], shard s's candidates at columns [s·c, (s+1)·c)."""
-        if not self.sharded:
-            return values
-        parts = [torch.empty_like(values) for _ in range(self.shards)]
-        dist.all_gather(parts, values.contiguous(), group=self.shard_group)
-        return torch.cat(parts, dim=1)
+        return self.gather_latents(values, dim=1)
 
     def own_columns(self, mask: Tensor, width: int) -> Tensor:
         """This shard's columns of a mask over gathered candidates."""
