@@ -133,6 +133,10 @@ def variance_denominator(x: Tensor) -> Tensor:
     return (x - x.mean(dim=0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
 
 
+# The parameters with one entry per latent (split along dim 0 across latent shards); the rest every shard holds.
+LATENT_PARAMETERS = ("W_enc", "b_enc", "W_dec", "log_threshold")
+
+
 class SparseAutoencoder(nn.Module):
     """A dictionary of cfg.latents latents; with a sharded `mesh`, this rank's slice of them (trainers/parallel.py).
 

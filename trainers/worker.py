@@ -27,7 +27,7 @@ from storage.uri import join
 from trainers.engine import build_engine, distributed_backend, use_bf16
 from trainers.metrics import FiringTracker
 from trainers.parallel import ShardMesh
-from trainers.sae import SparseAutoencoder, sae_config_from_spec
+from trainers.sae import LATENT_PARAMETERS, SparseAutoencoder, sae_config_from_spec
 
 STATE_FILE = "trainer_state.json"
 
@@ -198,8 +198,7 @@ def _across_shards(mesh: ShardMesh, d: Dictionary, local_l0: torch.Tensor) -> tu
     return float(counts[0]), float(counts[1]) / latents, float(counts[2]) / latents
 
 
-# Per-latent entries of the state dict and export tensors, and the dimension they are split along.
-LATENT_DIMS = {"W_enc": 0, "b_enc": 0, "W_dec": 0, "log_threshold": 0}
+# Per-latent export tensors and the dimension they are split along.
 EXPORT_LATENT_DIMS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}
 
 
@@ -208,7 +207,7 @@ def _full_state(d: Dictionary, mesh: ShardMesh) -> dict[str, torch.Tensor]:
     state = {}
     for key, value in d.engine.module.state_dict().items():
         value = value.detach().float()
-        state[key] = (mesh.gather_latents(value, LATENT_DIMS[key]) if key in LATENT_DIMS else value).cpu()
+        state[key] = (mesh.gather_latents(value) if key in LATENT_PARAMETERS else value).cpu()
     return state
 
 
