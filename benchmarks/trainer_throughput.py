@@ -8,7 +8,8 @@ slabs so its output fits in memory — same FLOPs), timed on this machine; roofl
 Step: forward (chunked TopK encoder, sparse decoder, FVU), backward, optimizer step — everything a training
 step does (the decoder needs no renormalisation pass: it is used row-normalised, see trainers/sae.py).
 Optimizers: `adam` = torch.optim.Adam over dense-shaped gradients (what DeepSpeed runs); `sparse` =
-torch.optim.SparseAdam on W_enc/W_dec with row-sparse gradients (touched rows only) + Adam on the biases.
+trainers.optim.RowSparseAdam (lazy Adam, in chunks of rows) on W_enc/W_dec with row-sparse gradients (touched
+rows only) + Adam on the biases.
 The dense Adam step alone is also timed (on the real tensors when they fit, else on a slab, scaled).
 Peak RSS is the process high-water mark during one step (reset through /proc/self/clear_refs), set
 against parameters + optimizer state. Prints its figures, then one JSON line.
@@ -25,6 +26,7 @@ import time
 
 import torch
 
+from trainers.optim import RowSparseAdam
 from trainers.sae import SAEConfig, SparseAutoencoder
 
 GIB = 1024**3
@@ -115,7 +117,7 @@ def main() -> None:
     print(f"roofline matmul: {roof:.3f} s = {flops / roof / 1e9:.1f} GFLOP/s -> {n / roof:,.0f} tokens/s", flush=True)
 
     if optimizer_kind == "sparse":
-        optimizers = [torch.optim.SparseAdam([sae.W_enc, sae.W_dec], lr=1e-4),
+        optimizers = [RowSparseAdam([sae.W_enc, sae.W_dec], lr=1e-4),
                       torch.optim.Adam([sae.b_enc, sae.b_dec], lr=1e-4)]
     else:
         optimizers = [torch.optim.Adam(sae.parameters(), lr=1e-4)]
