@@ -165,7 +165,8 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def initialize(self, sample: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
-        """b_dec from the sample; decoder rows random or in the sample's principal subspace; W_enc = W_dec."""
+        """b_dec from the sample; decoder rows random or in the sample's principal subspace; W_enc = c · W_dec
+        with c the least-squares scale on the sample (see _fit_encoder_scale)."""
         cfg = self.cfg
         sample = sample.to(self.b_dec.device, torch.float32)
         b_dec = decoder_bias(sample, cfg.b_dec_init)
@@ -187,7 +188,24 @@ class SparseAutoencoder(nn.Module):
             self.log_threshold.fill_(math.log(cfg.jumprelu_init_threshold * scale))
         if cfg.architecture == "batchtopk":
             self.threshold.zero_()
+        if cfg.uses_k:
+            info["encoder_scale"] = self._fit_encoder_scale(sample - b_dec)
         return info
+
+    def _fit_encoder_scale(self, centred: Tensor) -> float:
+        """Scale W_enc by the least-squares factor c = ⟨x − b, x̂ − b⟩ / ‖x̂ − b‖² over the sample.
+
+        With W_enc = W_dec the k largest projections of a token add up far past it when the rows are correlated
+        — 65,536 rows drawn in a 258-dimensional span start at FVU > 1 and the first steps go into undoing the
+        overshoot. The selection does not change under a positive scale (b_enc = 0, threshold 0: TopK and
+        BatchTopK pick the same latents), so only the magnitudes move, to where the reconstruction error is least.
+        ReLU and JumpReLU keep W_enc = W_dec: their sparsity penalty, not a fixed k, sets how many rows add up.
+        """
+        x_hat = self(centred + self.b_dec).x_hat - self.b_dec
+        scale = float((centred * x_hat).sum() / x_hat.pow(2).sum().clamp_min(1e-12))
+        if scale > 0:
+            self.W_enc.mul_(scale)
+        return scale
 
     def decoder_directions(self) -> Tensor:
         return unit_rows(self.W_dec)
