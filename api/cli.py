@@ -79,12 +79,18 @@ def command_run(args: argparse.Namespace) -> int:
 
     show, close = _progress_printer() if not args.quiet else (None, lambda: None)
     try:
-        result = run_job(spec, job_id=args.job_id, quiet=True, on_progress=show)
+        result = run_job(spec, job_id=args.job_id, quiet=True, on_progress=show, resume=args.resume,
+                         stop_at_step=args.stop_at_step)
     except ValueError as error:  # a rule that needed the model (layer beyond depth, ...)
         close()
         print(f"job rejected: {error}", file=sys.stderr)
         return 2
     close()
+    if result.stopped_at is not None:
+        print(f"job {result.job_id} checkpointed at step {result.stopped_at['step']:,} "
+              f"({result.stopped_at['tokens']:,} tokens) and stopped; continue it with "
+              f"`saeforge run JOB --resume --job-id {result.job_id}`")
+        return 0
     print(summary(result))
     return 0
 
@@ -292,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("job", nargs="?", help="JobSpec YAML/JSON file; none = the embedded default job")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--job-id", help="the job's id (default: <name>-<time>-<random>); the service passes its own")
+    run.add_argument("--resume", action="store_const", const="yes", default="no",
+                     help="continue the job --job-id (or the spec's output.uri) from its latest checkpoint; the "
+                          "spec may change cluster.trainer_ranks / latent_shards (the dictionary is re-sharded)")
+    run.add_argument("--resume-if-checkpointed", dest="resume", action="store_const", const="auto",
+                     help="resume when the job has a checkpoint, else start it (what the service uses)")
+    run.add_argument("--stop-at-step", type=int, help="checkpoint at this step and stop (resume later)")
     run.add_argument("--spec-json", help="the JobSpec as a JSON string instead of a file (used by the service)")
     run.set_defaults(handler=command_run)
 

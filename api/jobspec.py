@@ -259,19 +259,22 @@ class TrackingSpec(Strict):
 
 
 class OutputSpec(Strict):
-    uri: str | None = Field(None, description="where the job's folder goes: a local path or file:// URI; "
-                                              "default: $SAEFORGE_HOME (./runs) / <job id>")
-    formats: list[Literal["saelens"]] = Field(default_factory=lambda: ["saelens"], min_length=1)
+    uri: str | None = Field(None, description="where the job's folder (exports, checkpoints) goes: a local path, "
+                                              "file:// or s3:// URI; default: $SAEFORGE_HOME (./runs) / <job id>")
+    formats: list[Literal["saelens", "sparsify"]] = Field(
+        default_factory=lambda: ["saelens"], min_length=1,
+        description="export layouts: saelens (sae_lens.SAE.load_from_disk), sparsify (TopK dictionaries only: "
+                    "sparsify.SparseCoder.load_from_disk)")
 
     @field_validator("uri")
     @classmethod
-    def _local_uri(cls, uri: str | None) -> str | None:
+    def _supported_uri(cls, uri: str | None) -> str | None:
         if uri is None:
             return uri
         scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
-        if scheme and scheme.group(1) != "file":
-            raise ValueError(f"output.uri: the scheme {scheme.group(1)!r} is not supported; use a local path or "
-                             "file:// URI")
+        if scheme and scheme.group(1) not in ("file", "s3"):
+            raise ValueError(f"output.uri: the scheme {scheme.group(1)!r} is not supported; use a local path, "
+                             "file:// or s3:// URI")
         return uri
 
 
@@ -299,6 +302,9 @@ class JobSpec(Strict):
                     f"dictionaries[{i}].latents ({d.latents}) must be divisible by cluster.latent_shards "
                     f"({self.cluster.latent_shards}); change one of them"
                 )
+            if "sparsify" in self.output.formats and d.architecture != "topk":
+                raise ValueError(f"output.formats: sparsify loads TopK dictionaries only and dictionaries[{i}] is "
+                                 f"{d.architecture}; drop 'sparsify' from output.formats or train it as topk")
         if self.cluster.trainer_ranks % self.cluster.latent_shards:
             raise ValueError(f"cluster.trainer_ranks ({self.cluster.trainer_ranks}) must be a multiple of "
                              f"cluster.latent_shards ({self.cluster.latent_shards}); change one of them")

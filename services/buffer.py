@@ -9,8 +9,15 @@ Rows are mixed before hand-out: a reservoir holds the rows of the last `mix_batc
 takes the place of `batch_rows` rows drawn at random from the reservoir, and those rows leave as the next
 batch. A trainer therefore never sees one document's tokens in a row, and every row is handed out exactly once
 (at the end of a finite stream the reservoir is flushed). Mixed batches are `ray.put` by the buffer (so it owns
-them) into a bounded pool: when the pool is full the producers are not asked for more (back-pressure).
-Consumers get [ObjectRef] of {key: array} and read the arrays zero-copy from the node's object store.
+them) into a bounded queue of ready batches: when it is full the producers are not asked for more
+(back-pressure). Consumers get [ObjectRef] of {key: array} and read the arrays zero-copy from the node's object
+store.
+
+Batches are numbered in the order they leave the queue. Trainers ask for batch number `step · replicas +
+replica` (`batch`), so the latent shards of one replica share a batch and the stream a job sees does not depend
+on which rank asks first. `snapshot(index)` returns what a checkpoint needs to continue the stream exactly from
+batch `index` — the rows not yet handed out (ready batches and the reservoir), the mixing RNG and every
+producer's offset — and `restore` puts the buffer back there, on a restarted worker group or a new job.
 
 With a cache configured the buffer also writes every batch it hands out to an activation cache
 (storage/cache.py), and completes the cache when `total_tokens` have been handed out (or on close_cache()).
@@ -27,8 +34,10 @@ from collections.abc import Callable
 import numpy as np
 import ray
 
-END = "end"
 RATE_WINDOW_S = 30.0
+# Taken batches kept for consumers that share them and for a snapshot behind the newest batch: the ranks of a job
+# run at most a step apart (their collectives join them), so a few steps of every replica are plenty.
+RETAINED_BATCHES = 16
 
 
 class _Rate:
@@ -57,8 +66,11 @@ class ActivationBuffer:
                  seed: int = 0, total_tokens: int | None = None, cache: dict | None = None,
                  held_out: list | None = None, in_flight: int = 2):
         self.producers = producers
-        self._shared: dict[tuple[int, int], list] = {}  # (group, step) -> [future of the batch, consumers left]
-        self.pool: asyncio.Queue = asyncio.Queue(maxsize=capacity)
+        self.ready: collections.deque = collections.deque()  # (ref, rows) mixed, not yet handed out
+        self._taken: dict[int, ray.ObjectRef] = {}  # batch number -> ref, the last RETAINED_BATCHES taken
+        self._next_index = 0  # the number the next batch leaving `ready` gets
+        self._stream_over = False  # a finite stream ended and was flushed into `ready`
+        self._changed = asyncio.Condition()
         self.capacity = capacity
         self.mix_batches = mix_batches
         self.batch_rows = batch_rows
@@ -90,6 +102,7 @@ class ActivationBuffer:
         self._cache_writer = None
         self._cache_manifest: dict | None = None
         self._cache_closing: asyncio.Task | None = None
+        self._cached_batches = 0  # batches written to the cache: a replay after restore() skips them
 
     # -- pulling -------------------------------------------------------------------------------------------------
 
@@ -126,11 +139,13 @@ class ActivationBuffer:
                 failures = 0
                 if not step:  # first batch: learn the batch size, then keep `in_flight` calls going
                     step = self.batch_rows = self.batch_rows or meta["tokens"]
-                self.offsets[index] = offset + meta["tokens"]
                 self.producer_meta[index] = meta
                 if meta["tokens"]:
                     self.produced.add(meta["tokens"])
-                    await self._ingest(batch)
+                    await self._ingest(index, offset + meta["tokens"], batch)
+                    await self._wait_for(lambda: len(self.ready) < self.capacity)  # back-pressure
+                else:
+                    self.offsets[index] = offset
                 if meta["end"]:
                     break
                 while len(pending) < self.in_flight:
@@ -142,19 +157,30 @@ class ActivationBuffer:
             raise
         except BaseException as error:  # surfaced to the consumer on its next call
             self.error = error
+            await self._notify()
 
-    async def _ingest(self, batch: dict[str, np.ndarray]) -> None:
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _wait_for(self, predicate: Callable[[], bool]) -> None:
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def _ingest(self, index: int, offset: int, batch: dict[str, np.ndarray]) -> None:
+        # One step under the lock: the reservoir, the ready queue and the producer's offset move together, so a
+        # snapshot never sees rows that are in none of them or in two.
         async with self._lock:
             refs = await asyncio.to_thread(self._mix_and_put, batch, False)
-        for ref, rows in refs:
-            await self.pool.put((ref, rows))
+            self.ready.extend(refs)
+            self.offsets[index] = offset
+        await self._notify()
 
     async def _finish_stream(self) -> None:
         async with self._lock:
-            refs = await asyncio.to_thread(self._mix_and_put, None, True)
-        for ref, rows in refs:
-            await self.pool.put((ref, rows))
-        await self.pool.put((END, 0))
+            self.ready.extend(await asyncio.to_thread(self._mix_and_put, None, True))
+            self._stream_over = True
+        await self._notify()
 
     def _mix_and_put(self, batch: dict[str, np.ndarray] | None, flush: bool) -> list[tuple]:
         started = time.perf_counter()
@@ -205,48 +231,105 @@ class ActivationBuffer:
 
     # -- handing out ---------------------------------------------------------------------------------------------
 
+    async def _take(self) -> int | None:
+        """Move the next ready batch to `_taken` under the next number; None once a finite stream has ended."""
+        self._start()
+        await self._wait_for(lambda: self.ready or self._stream_over or self.error is not None)
+        if self.error is not None:
+            raise RuntimeError(f"activation producer failed: {self.error}") from self.error
+        if not self.ready:
+            if not self._ended:
+                self._ended = True
+                if self._cache is not None:
+                    await self.close_cache()
+            return None
+        ref, rows = self.ready.popleft()
+        index = self._next_index
+        self._taken[index] = ref
+        self._next_index += 1
+        for old in [i for i in self._taken if i < index - RETAINED_BATCHES]:
+            del self._taken[old]  # drop the buffer's reference: the object store may free the batch
+        self.consumed.add(rows)
+        self.batches_out = self._next_index
+        await self._notify()  # room for the pullers
+        if self._cache is not None and self._cache_closing is None and index >= self._cached_batches:
+            self._cached_batches = index + 1
+            self._write_to_cache(ref)
+            if self.total_tokens is not None and self.consumed.total >= self.total_tokens:
+                await self.close_cache()  # the last batch waits until the cache is complete
+        return index
+
     async def next(self) -> list:
         """The next batch as [ObjectRef] (wrapped in a list so Ray hands over the reference, not the value);
         [] once a finite stream has ended."""
-        self._start()
-        while True:
-            if self.error is not None:
-                raise RuntimeError(f"activation producer failed: {self.error}") from self.error
-            if self._ended:
-                return []
-            try:
-                batch_ref, rows = await asyncio.wait_for(self.pool.get(), timeout=1.0)
-                break
-            except asyncio.TimeoutError:
-                continue
-        if isinstance(batch_ref, str) and batch_ref == END:
-            self._ended = True
-            if self._cache is not None:
-                await self.close_cache()
-            return []
-        self.consumed.add(rows)
-        self.batches_out += 1
-        if self._cache is not None and self._cache_closing is None:
-            self._write_to_cache(batch_ref)
-            if self.total_tokens is not None and self.consumed.total >= self.total_tokens:
-                await self.close_cache()  # the last batch waits until the cache is complete
-        return [batch_ref]
+        index = await self._take()
+        return [] if index is None else [self._taken[index]]
 
-    async def next_shared(self, group: int, step: int, members: int) -> list:
-        """The batch of step `step` for a group of `members` consumers that share batches (the latent shards of
-        one data-parallel replica): the first to ask takes the next batch, the others get the same ObjectRef."""
-        key = (group, step)
-        if key not in self._shared:
-            self._shared[key] = [asyncio.ensure_future(self.next()), members]
-        entry = self._shared[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self._shared[key]
-        return await asyncio.shield(entry[0])
+    async def batch(self, index: int) -> list:
+        """Batch number `index` as [ObjectRef]; every consumer that asks for the same number (the latent shards
+        of one replica) gets the same batch. [] once a finite stream has ended. Numbers below `index` are
+        taken on the way and kept for the consumers that will ask for them."""
+        while index >= self._next_index:
+            if await self._take() is None:
+                return []
+        if index not in self._taken:
+            raise RuntimeError(f"batch {index} is gone: the buffer keeps the last {RETAINED_BATCHES} batches and "
+                               f"is at batch {self._next_index}")
+        return [self._taken[index]]
 
     async def start(self) -> None:
         """Start pulling now (otherwise the first next() does)."""
         self._start()
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    async def snapshot(self, index: int) -> dict:
+        """The stream's state as if batch `index` were the next to leave: the batches from `index` on (taken
+        or ready), the reservoir, leftovers, the mixing RNG and each producer's offset."""
+        async with self._lock:
+            if index > self._next_index or (index < self._next_index and index not in self._taken):
+                raise RuntimeError(f"cannot snapshot the stream at batch {index}: the buffer holds batches "
+                                   f"{min(self._taken, default=self._next_index)}..{self._next_index - 1}")
+            refs = [self._taken[i] for i in range(index, self._next_index)] + [ref for ref, _ in self.ready]
+            state = {"reservoir": None if self._reservoir is None else
+                     {k: np.array(v[:self._fill]) for k, v in self._reservoir.items()},
+                     "reservoir_rows": 0 if self._reservoir is None else len(next(iter(self._reservoir.values()))),
+                     "leftovers": [{k: np.array(v) for k, v in b.items()} for b in self._leftovers],
+                     "rng": self._rng.bit_generator.state, "offsets": list(self.offsets),
+                     "batch_rows": self.batch_rows, "stream_over": self._stream_over}
+        state["pending"] = [await ref for ref in refs]
+        return state
+
+    async def restore(self, state: dict, index: int) -> None:
+        """Continue the stream from a snapshot; the first pending batch becomes number `index`. Pullers stop,
+        batches handed out since are dropped, producers are asked again from the saved offsets."""
+        async with self._lock:  # no mixing in flight while the state is replaced
+            for task in self._pullers:
+                task.cancel()
+            await asyncio.gather(*self._pullers, return_exceptions=True)
+            self._pullers = []
+            self.ready.clear()
+            self._taken.clear()
+            self._next_index = self.batches_out = index
+            self._cached_batches = max(self._cached_batches, index)
+            for batch in state["pending"]:
+                self.ready.append((ray.put(batch), len(next(iter(batch.values())))))
+            self._reservoir, self._fill = None, 0
+            if state["reservoir"] is not None:
+                saved = state["reservoir"]
+                self._fill = len(next(iter(saved.values())))
+                self._reservoir = {k: np.empty((state["reservoir_rows"], *v.shape[1:]), dtype=v.dtype)
+                                   for k, v in saved.items()}
+                for k, v in saved.items():
+                    self._reservoir[k][:self._fill] = v
+            self._leftovers = list(state["leftovers"])
+            self._rng.bit_generator.state = state["rng"]
+            self.offsets = list(state["offsets"])
+            self.batch_rows = state["batch_rows"] or self.batch_rows
+            self._stream_over, self._ended, self._done, self.error = state["stream_over"], False, set(), None
+            if not self._stream_over:
+                self._start()
+        await self._notify()
 
     # -- the activation cache ------------------------------------------------------------------------------------
 
@@ -311,8 +394,8 @@ class ActivationBuffer:
         """Live figures, all numbers (the runner logs them as MLflow metrics)."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
         size = self.mix_batches * (self.batch_rows or 0)
-        return {"pool_batches": self.pool.qsize(), "pool_capacity": self.capacity,
-                "pool_fill": self.pool.qsize() / self.capacity,
+        return {"pool_batches": len(self.ready), "pool_capacity": self.capacity,
+                "pool_fill": len(self.ready) / self.capacity,
                 "mix_rows": self._fill, "mix_fill": self._fill / size if size else 0.0,
                 "produced_tokens": self.produced.total, "consumed_tokens": self.consumed.total,
                 "produced_tokens_per_s": self.produced.per_s(), "consumed_tokens_per_s": self.consumed.per_s(),

@@ -27,7 +27,7 @@ from services.evaluation import SpliceEvaluator
 from services.monitor import JobMonitor
 from services.producer import start_producers
 from services.tracking import JobTracking, flatten, tracking_uri, ui_command
-from storage.uri import filesystem, is_local, join, local_path
+from storage.uri import filesystem, is_local, join, local_path, pyarrow_filesystem
 
 LOCAL_OBJECT_STORE_BYTES = 1 << 30
 
@@ -43,6 +43,7 @@ class JobResult:
     seconds: float
     dictionaries: dict[str, dict] = field(default_factory=dict)
     child_runs: dict[str, str] = field(default_factory=dict)
+    stopped_at: dict[str, int] | None = None  # {"step", "tokens"} when the job checkpointed and stopped early
 
 
 @dataclass
@@ -112,9 +113,26 @@ def _dictionary_tags(spec: JobSpec, index: int, d_model: int) -> dict[str, str]:
             "architecture": d.architecture, "latents": str(d.resolved_latents(d_model)), "k": str(d.k)}
 
 
+def checkpoint_storage(output_uri: str) -> str:
+    """Where Ray Train keeps a job's checkpoints (`train/checkpoint_*` below it)."""
+    return join(output_uri, "ray_train")
+
+
+def saved_checkpoints(output_uri: str) -> list[str]:
+    fs, path = filesystem(checkpoint_storage(output_uri))
+    return sorted(p for p in fs.glob(join(path, "train", "checkpoint_*"))  # not Ray's checkpoint_manager_snapshot.json
+                  if not p.endswith(".json"))
+
+
 def run_job(spec: JobSpec, job_id: str | None = None, quiet: bool = False,
-            on_progress: Callable[[Progress], None] | None = None) -> JobResult:
-    """Run one job to the end; raises on failure (the MLflow run is then marked FAILED)."""
+            on_progress: Callable[[Progress], None] | None = None, resume: str = "no",
+            stop_at_step: int | None = None) -> JobResult:
+    """Run one job to the end; raises on failure (the MLflow run is then marked FAILED).
+
+    resume: "no" (the job's output must hold no checkpoints), "yes" (continue from its latest checkpoint: the
+    same job id or output.uri; the spec may change the number of ranks) or "auto" (resume when there is one —
+    what the service does when it resubmits a job). stop_at_step: checkpoint at that step and stop.
+    """
     started = time.perf_counter()
     spec = absolute_paths(spec)
     home = service_home()
@@ -122,24 +140,34 @@ def run_job(spec: JobSpec, job_id: str | None = None, quiet: bool = False,
     output_uri = spec.output.uri or str(home / job_id)
     if is_local(output_uri):
         output_uri = str(Path(local_path(output_uri)).resolve())
+    found = saved_checkpoints(output_uri)
+    if resume == "yes" and not found:
+        raise ValueError(f"nothing to resume: no checkpoint under {checkpoint_storage(output_uri)}; give the id "
+                         "of a job that checkpointed (training.checkpoint_every_steps) or run without --resume")
+    if resume == "no" and found:
+        raise ValueError(f"{output_uri} already holds {len(found)} checkpoint(s) of job {job_id}: continue it "
+                         "with --resume, or give a new --job-id / output.uri")
+    resuming = resume != "no" and bool(found)
     spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
     fs, path = filesystem(output_uri)
     fs.makedirs(path, exist_ok=True)
-    with fs.open(join(path, "job.yaml"), "w") as f:
+    spec_file = f"job-resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml" if resuming else "job.yaml"
+    with fs.open(join(path, spec_file), "w") as f:  # a resume keeps the spec the job started with
         f.write(spec_yaml)
 
     home.mkdir(parents=True, exist_ok=True)
     tracking = JobTracking(tracking_uri(home), spec.tracking.experiment, artifact_root=home / "mlartifacts")
     parent = tracking.start(job_id, flatten(spec.model_dump(mode="json")),
-                            {"saeforge.output_uri": output_uri, "model": spec.model.label, **spec.tracking.tags})
+                            {"saeforge.output_uri": output_uri, "model": spec.model.label,
+                             "saeforge.resumed": str(resuming).lower(), **spec.tracking.tags})
     with tempfile.TemporaryDirectory() as scratch:
         (Path(scratch) / "job.yaml").write_text(spec_yaml)
         tracking.log_artifact(parent, str(Path(scratch) / "job.yaml"))
     started_ray = _connect(spec, quiet)
     actors: list = []
     try:
-        result = _run(spec, job_id, output_uri, tracking, actors, on_progress)
-        tracking.end("FINISHED")
+        result, stopped = _run(spec, job_id, output_uri, tracking, actors, on_progress, stop_at_step)
+        tracking.end("KILLED" if stopped else "FINISHED")
     except BaseException:
         tracking.end("FAILED")
         raise
@@ -149,11 +177,12 @@ def run_job(spec: JobSpec, job_id: str | None = None, quiet: bool = False,
         if started_ray:
             ray.shutdown()
     return JobResult(job_id, output_uri, tracking.experiment_id, parent, tracking.uri, ui_command(tracking.uri),
-                     time.perf_counter() - started, result, dict(tracking.child_runs))
+                     time.perf_counter() - started, result, dict(tracking.child_runs), stopped_at=stopped)
 
 
 def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, actors: list,
-         on_progress: Callable[[Progress], None] | None) -> dict[str, dict]:
+         on_progress: Callable[[Progress], None] | None,
+         stop_at_step: int | None) -> tuple[dict[str, dict], dict[str, int] | None]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -177,16 +206,19 @@ def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, act
 
     # The trainer group starts while the producers load the model: both take seconds, neither needs the other
     # until the first batch (the trainers read d from it).
-    storage_path = str(Path(output_uri) / "ray_train") if is_local(output_uri) else f"{output_uri}/ray_train"
+    # Checkpoints go to the job's storage through the same fsspec file system as its other outputs (S3
+    # endpoints included); Ray Train keeps the last keep_checkpoints and hands the latest to a restarted group
+    # and to a resumed job (the same storage path and run name).
+    storage_fs, storage_path = pyarrow_filesystem(checkpoint_storage(output_uri))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec_json": spec_json, "buffer": buffer, "monitor": monitor,
                            "held_out": held_out, "evaluator": evaluator, "output_uri": output_uri,
-                           "job_id": job_id},
+                           "job_id": job_id, "stop_at_step": stop_at_step},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=spec.cluster.trainer_ranks, use_gpu=gpu,
                                      resources_per_worker={"CPU": 1, **({"GPU": share} if gpu else {})}),
-        run_config=RunConfig(name="train", storage_path=storage_path,
+        run_config=RunConfig(name="train", storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.training.keep_checkpoints)),
     )
@@ -228,13 +260,16 @@ def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, act
         time.sleep(0.5)
     if "error" in outcome:
         raise outcome["error"]
+    stopped = ray.get(monitor.stopped_at.remote())
+    if stopped is not None:
+        return {}, stopped
     results = ray.get(monitor.final_results.remote())
     buffer_stats = ray.get(buffer.stats.remote())
     tracking.log_metrics(tracking.parent_run_id, {f"buffer_{k}": v for k, v in buffer_stats.items()},
                          step=spec.steps)
     for name, result in results.items():
         _log_result(tracking, name, result, spec.steps, output_uri)
-    return results
+    return results, None
 
 
 def _log_result(tracking: JobTracking, name: str, result: dict, step: int, output_uri: str) -> None:

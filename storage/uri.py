@@ -21,3 +21,12 @@ def is_local(uri: str) -> bool:
 
 def local_path(uri: str) -> str:
     return uri.removeprefix("file://")
+
+
+def pyarrow_filesystem(uri: str):
+    """(pyarrow file system, path) for `uri`, through the same fsspec file system every other write uses (its
+    endpoint and credentials included) — what Ray Train's storage needs for its checkpoints."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem(uri)
+    return PyFileSystem(FSSpecHandler(fs)), path

@@ -10,6 +10,7 @@ evaluation and the export (rank 0 writes).
 from __future__ import annotations
 
 import json
+import pickle
 import tempfile
 import time
 import warnings
@@ -22,14 +23,16 @@ import ray.train
 import torch
 
 from api.jobspec import JobSpec
-from storage.export import saelens_config, save_saelens
+from storage.export import saelens_config, save_saelens, save_sparsify
 from storage.uri import join
+from trainers import checkpoint as checkpoints
 from trainers.engine import build_engine, distributed_backend, use_bf16
 from trainers.metrics import FiringTracker
 from trainers.parallel import ShardMesh
 from trainers.sae import LATENT_PARAMETERS, SparseAutoencoder, sae_config_from_spec
 
 STATE_FILE = "trainer_state.json"
+STREAM_FILE = "activation_stream.pkl"
 
 
 @dataclass
@@ -43,13 +46,13 @@ class Dictionary:
 
 
 def _fetch(buffer, mesh: ShardMesh, step: int) -> dict[str, np.ndarray]:
-    """This replica's batch of `step`: the shards of a replica share one ObjectRef. The arrays are read-only
-    views of the object store (zero-copy), never written to."""
-    if mesh.sharded:
-        [ref] = ray.get(buffer.next_shared.remote(mesh.replica, step, mesh.shards))
-    else:
-        [ref] = ray.get(buffer.next.remote())
-    return ray.get(ref)
+    """This replica's batch of `step` (number step · replicas + replica of the stream: the shards of a replica
+    share one ObjectRef). The arrays are read-only views of the object store (zero-copy), never written to."""
+    refs = ray.get(buffer.batch.remote(step * mesh.replicas + mesh.replica))
+    if not refs:
+        raise RuntimeError(f"the activation stream ended before step {step}: the data source holds fewer tokens "
+                           "than training.tokens; lower training.tokens or add data")
+    return ray.get(refs[0])
 
 
 def _build(spec: JobSpec, index: int, sample: np.ndarray, device: torch.device, mesh: ShardMesh) -> Dictionary:
@@ -78,20 +81,26 @@ def _input(d: Dictionary, batch: dict[str, np.ndarray], device: torch.device) ->
     return _tensor(batch[d.hook_name]).to(device=device, dtype=dtype)
 
 
-def _save_checkpoint(dictionaries: list[Dictionary], step: int, tokens: int, metrics: dict) -> None:
+def _save_checkpoint(dictionaries: list[Dictionary], mesh: ShardMesh, buffer, step: int, tokens: int,
+                     metrics: dict) -> None:
+    """Every rank's part of every dictionary (trainers/checkpoint.py), its RNG, and from rank 0 the position
+    and the activation stream from batch step · replicas on; Ray Train uploads the folders of all ranks into
+    one checkpoint under the job's storage URI and prunes old ones."""
     with tempfile.TemporaryDirectory() as folder:
         for d in dictionaries:
-            d.engine.save_checkpoint(str(Path(folder) / d.name), tag="state",
-                                     client_state={"tokens_since_fired": d.tracker.tokens_since_fired.cpu()})
-        rank = ray.train.get_context().get_world_rank()
-        torch.save(torch.get_rng_state(), Path(folder) / f"rng_rank{rank}.pt")
-        if rank == 0:
-            (Path(folder) / STATE_FILE).write_text(json.dumps({"step": step, "tokens": tokens}))
+            checkpoints.save(Path(folder) / d.name, d.engine, mesh, d.tracker)
+        torch.save(torch.get_rng_state(), Path(folder) / f"rng_rank{mesh.rank}.pt")
+        if mesh.rank == 0:
+            stream = ray.get(buffer.snapshot.remote(step * mesh.replicas))
+            with open(Path(folder) / STREAM_FILE, "wb") as f:
+                pickle.dump(stream, f)
+            (Path(folder) / STATE_FILE).write_text(json.dumps(
+                {"step": step, "tokens": tokens, "latent_shards": mesh.shards, "replicas": mesh.replicas}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def _checkpointed_position() -> tuple[int, int]:
-    """(step, tokens) of the checkpoint Ray Train restarts this group from; (0, 0) on a fresh start."""
+    """(step, tokens) of the checkpoint Ray Train starts this group from; (0, 0) on a fresh start."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, 0
@@ -100,17 +109,29 @@ def _checkpointed_position() -> tuple[int, int]:
     return state["step"], state["tokens"]
 
 
-def _restore(dictionaries: list[Dictionary], device: torch.device) -> None:
+def _restore_stream(buffer, mesh: ShardMesh, step: int) -> None:
+    """Rank 0 puts the buffer back where the checkpoint left the stream (batch step · replicas of this group,
+    which may have another number of replicas than the one that saved it); the others wait for it."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return
+    if mesh.rank == 0:
+        with checkpoint.as_directory() as folder, open(Path(folder) / STREAM_FILE, "rb") as f:
+            ray.get(buffer.restore.remote(pickle.load(f), step * mesh.replicas))
+    if mesh.world > 1:
+        torch.distributed.barrier()
+
+
+def _restore(dictionaries: list[Dictionary], mesh: ShardMesh) -> None:
     """Weights, optimizer state, firing statistics and RNG from the checkpoint, if Ray Train passed one."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return
     with checkpoint.as_directory() as folder:
         for d in dictionaries:
-            _, client = d.engine.load_checkpoint(str(Path(folder) / d.name), tag="state")
-            d.tracker.tokens_since_fired.copy_(client["tokens_since_fired"].to(device))
-        rng = Path(folder) / f"rng_rank{ray.train.get_context().get_world_rank()}.pt"
-        if rng.is_file():
+            checkpoints.load(Path(folder) / d.name, d.engine, mesh, d.tracker)
+        rng = Path(folder) / f"rng_rank{mesh.rank}.pt"
+        if rng.is_file():  # a rank the saving layout did not have keeps its own
             torch.set_rng_state(torch.load(rng))
 
 
@@ -127,13 +148,14 @@ def train_worker(config: dict) -> None:
     buffer, monitor = config["buffer"], config["monitor"]
 
     start_step, tokens = _checkpointed_position()
+    _restore_stream(buffer, mesh, start_step)
     batch = _fetch(buffer, mesh, start_step)
     dictionaries = [_build(spec, i, batch[spec.hook_of(i).name], device, mesh)
                     for i in range(len(spec.dictionaries))]
     if rank == 0:
         for d in dictionaries:
             monitor.report.remote(d.name, 0, 0, {f"init_{k}": float(v) for k, v in d.init_info.items()})
-    _restore(dictionaries, device)
+    _restore(dictionaries, mesh)
     total_steps = spec.steps
     rows_per_step = spec.training.batch_tokens * mesh.replicas
     window: dict[str, list[torch.Tensor]] = {d.name: [] for d in dictionaries}
@@ -175,9 +197,14 @@ def train_worker(config: dict) -> None:
                 state = _full_state(d, mesh)  # every rank takes part in the gather
                 if rank == 0:
                     evaluator.evaluate.remote(index, d.sae.cfg, state, step + 1, tokens)
-        every = spec.training.checkpoint_every_steps
-        if every and (step + 1) % every == 0 and not last:
-            _save_checkpoint(dictionaries, step + 1, tokens, {"step": step + 1, "tokens": tokens})
+        every, stop_at = spec.training.checkpoint_every_steps, config.get("stop_at_step")
+        stopping = stop_at is not None and step + 1 >= stop_at and not last
+        if (every and (step + 1) % every == 0 and not last) or stopping:
+            _save_checkpoint(dictionaries, mesh, buffer, step + 1, tokens, {"step": step + 1, "tokens": tokens})
+        if stopping:  # checkpointed; the job is resumed later (saeforge run --resume)
+            if rank == 0:
+                monitor.stop.remote(step + 1, tokens)
+            return
 
     train_seconds = time.perf_counter() - loop_started
     held_out = ray.get(config["held_out"]) if config.get("held_out") is not None else None
@@ -243,6 +270,10 @@ def _finish(spec: JobSpec, index: int, d: Dictionary, held_out: dict | None, tok
                     "hook_site": hook.site, "context_size": spec.data.context_length,
                     "training_tokens": tokens, "dataset_path": spec.data.source, "job_id": config["job_id"],
                     "dictionary_name": d.name, "prepend_bos": True, "sae_lens_training_version": None}
-        cfg = saelens_config(sae.cfg.d_in, sae.cfg.latents, sae.export_config(), metadata)
-        result["saelens_uri"] = save_saelens(join(config["output_uri"], "dictionaries", d.name), tensors, cfg)
+        if "saelens" in spec.output.formats:
+            cfg = saelens_config(sae.cfg.d_in, sae.cfg.latents, sae.export_config(), metadata)
+            result["saelens_uri"] = save_saelens(join(config["output_uri"], "dictionaries", d.name), tensors, cfg)
+        if "sparsify" in spec.output.formats:
+            result["sparsify_uri"] = save_sparsify(join(config["output_uri"], "sparsify", d.name), tensors,
+                                                   sae.cfg.k, metadata)
     return result

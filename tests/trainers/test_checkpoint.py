@@ -42,6 +42,17 @@ def sharded_straight(tmp_path_factory):
     return folder, _run(folder, "straight", 2, 2, 0, folder / "two-shards")
 
 
+def test_two_shards_train_like_one_rank(sharded_straight, tmp_path):
+    """Equivalence through real DeepSpeed engines: the same seed and batches on two latent shards and on one
+    rank give the same losses and the same dictionary, up to the order in which the decode is summed."""
+    folder, two = sharded_straight
+    one = _run(tmp_path, "straight", 1, 1, 0, tmp_path / "one-rank")
+    assert len(one["losses"]) == len(two["losses"]) == 6
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+    for name, value in one["state"].items():
+        torch.testing.assert_close(two["state"][name], value, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_resume_on_the_same_shards_is_exact(sharded_straight):
     folder, straight = sharded_straight
     _assert_same_training(_run(folder, "resume", 2, 2, 0, folder / "two-shards"), straight, exact=True)
