@@ -26,7 +26,9 @@ LOG_TAIL_LINES = 40
 
 
 def entrypoint(command: str, job: Job) -> str:
-    return f"{command} run --quiet --job-id {shlex.quote(job.id)} --spec-json {shlex.quote(json.dumps(job.spec))}"
+    # A job submitted again (Ray lost it) continues from its checkpoints instead of starting over
+    return (f"{command} run --quiet --resume-if-checkpointed --job-id {shlex.quote(job.id)} "
+            f"--spec-json {shlex.quote(json.dumps(job.spec))}")
 
 
 def failure_message(info: RayJobInfo, logs: str | None) -> str:

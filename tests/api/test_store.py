@@ -166,7 +166,7 @@ def test_cancel_queued_and_running(scheduler, store):
 def test_entrypoint_quotes_the_spec():
     job = type("J", (), {"id": "x-1", "spec": {"name": "it's"}})()
     command = entrypoint("saeforge", job)
-    assert command.startswith("saeforge run --quiet --job-id x-1 --spec-json ")
+    assert command.startswith("saeforge run --quiet --resume-if-checkpointed --job-id x-1 --spec-json ")
     import shlex
 
     assert shlex.split(command)[-1] == '{"name": "it\'s"}'
