@@ -505,8 +505,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+# Seconds an idle keep-alive connection stays open. It must exceed every client's own idle limit, so that the
+# client always drops a connection first: uvicorn's default (5 s) equals httpx's keepalive_expiry (5 s), and
+# since the server's timer starts before the client has read the response, a client whose poll gap reached
+# ~5 s sent its request as the server closed the socket and got "Connection reset by peer" (the load test).
+# 75 s also outlasts the 60-s idle timeout of the usual ingress proxies and load balancers.
+KEEP_ALIVE_SECONDS = 75
+
+
 def serve(host: str, port: int, log_level: str = "info") -> None:
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(), host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_SECONDS)

@@ -120,6 +120,20 @@ def test_auth_on_the_running_server(fuzz_server):
         assert alice.get(f"/v1/jobs/{job_id}").status_code == 200
 
 
+def test_the_server_keeps_idle_connections_longer_than_clients_reuse_them(fuzz_server):
+    """httpx reuses an idle connection for up to 5 s. Had the server closed it at 5 s too (uvicorn's default),
+    a request sent as the server's timer fired was reset ("Connection reset by peer": the load test's failure).
+    The second request must reach the server on the same, still-open connection."""
+    with httpx.Client(base_url=fuzz_server.url, limits=httpx.Limits(keepalive_expiry=60)) as client:
+        first = client.get("/healthz")
+        port = first.extensions["network_stream"].get_extra_info("client_addr")[1]
+        time.sleep(6)  # longer than the 5 s both httpx and uvicorn use by default
+        second = client.get("/healthz")
+        ports = [port, second.extensions["network_stream"].get_extra_info("client_addr")[1]]
+    assert second.status_code == 200
+    assert ports[0] == ports[1], "the server closed a connection idle for 6 s; a client reusing one can be reset"
+
+
 def test_cancel_stops_the_ray_job(tmp_path, ray_address):
     """A running job (here a Ray job that would sleep for minutes) is stopped on Ray and ends cancelled."""
     server = ApiServer(tmp_path / "home", {"SAEFORGE_RAY_ADDRESS": ray_address,
