@@ -25,8 +25,8 @@ the OOM killer) is reported as "oom" with the peak the parent saw (wait4's ru_ma
 runs. Note that the R ranks share this machine's memory: sharding lowers the per-rank peak, not the sum over
 the ranks.
 
-Two experiments, off by default (the worker does neither), each measuring a change trainers/engine.py could make
-to the transient memory of a step:
+Two flags, from the experiments that measured these transient-memory changes; trainers/engine.py now makes both
+for every job (the flags set the same again, so they change nothing any more):
 - `--skip-single-replica-allreduce`: `engine.enable_backward_allreduce = False` when the data-parallel world is 1
   (every rank a shard of one replica). DeepSpeed otherwise flattens the gradients into ≤ 500M-element buckets
   (a copy of up to two [M/R, d] matrices) for an all-reduce over a group of one.

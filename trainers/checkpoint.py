@@ -82,7 +82,8 @@ def _create_optimizer_state(engine, step: int) -> None:
             state = optimizer.state[param]
             for key in MOMENTS:
                 state.setdefault(key, torch.zeros_like(param, memory_format=torch.preserve_format))
-            state["step"] = torch.tensor(float(step))
+            # torch keeps `step` on the CPU, or on the parameter's device for its fused kernel
+            state["step"] = torch.tensor(float(step), device=param.device if group.get("fused") else "cpu")
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._lazy_init_hp_params_optimizer_state()
 
