@@ -43,7 +43,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import signal
 import socket
 import statistics
@@ -54,29 +53,11 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
+from procmem import reset_peak, rss_bytes
+
 GIB = 1024**3
 TARGET_RATIO = 0.6  # issue 5: per-rank peak at R > 1 against the R = 1 peak
 PROGRESS = "[rank0] "  # rank 0's lines the parent echoes live from its log
-
-
-# Local rather than imported from trainer_throughput.py: `benchmarks` is not a package (not importable from
-# the repository root), and the parent must not import torch just to read a file.
-def rss_bytes(field: str = "VmRSS") -> int:
-    """A memory figure of this process from /proc/self/status (VmHWM: the peak RSS)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak() -> None:
-    """Reset VmHWM to the current RSS, so that the next reading is the peak of what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def mem_available_bytes() -> int:

@@ -20,32 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 
 import torch
+from procmem import reset_peak, rss_bytes
 
 from trainers.optim import RowSparseAdam
 from trainers.sae import SAEConfig, SparseAutoencoder
 
 GIB = 1024**3
-
-
-def rss_bytes(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 _ROOF_OUT: list[torch.Tensor] = []
