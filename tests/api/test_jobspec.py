@@ -105,3 +105,14 @@ def test_default_lr_scales_with_latents():
 def test_output_uri_scheme_checked():
     with pytest.raises(JobSpecError, match="output.uri"):
         parse_job_spec({"output": {"uri": "gs://bucket/x"}})
+
+
+def test_output_formats_and_uris():
+    spec = parse_job_spec({"output": {"uri": "s3://bucket/jobs/a", "formats": ["saelens", "sparsify"]}})
+    assert spec.output.uri == "s3://bucket/jobs/a"
+    with pytest.raises(JobSpecError) as error:
+        parse_job_spec({"dictionaries": [{"architecture": "jumprelu"}], "output": {"formats": ["sparsify"]}})
+    assert "output.formats: sparsify loads TopK dictionaries only" in str(error.value)
+    with pytest.raises(JobSpecError) as error:
+        parse_job_spec({"output": {"uri": "gs://bucket/a"}})
+    assert "output.uri: the scheme 'gs' is not supported" in str(error.value)

@@ -1,0 +1,26 @@
+"""The sparsify export: a trained TopK dictionary written by storage/export.py loads in EleutherAI's sparsify
+and computes the same reconstruction."""
+
+import pytest
+import torch
+
+from storage.export import save_sparsify
+from trainers.sae import SAEConfig, SparseAutoencoder
+
+
+def test_sparsify_export_loads_and_reconstructs_the_same(tmp_path):
+    sparsify = pytest.importorskip("sparsify")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=g) * 2 + 0.3
+    sae = SparseAutoencoder(SAEConfig(d_in=16, latents=64, k=4, initialization="random"))
+    sae.initialize(x, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # a dictionary that is not at its initialization any more
+        sae.W_enc.add_(0.2 * torch.randn(64, 16, generator=g))
+        sae.b_enc.add_(0.05 * torch.randn(64, generator=g))
+        ours = sae.eval()(x).x_hat
+    uri = save_sparsify(str(tmp_path / "layers.1"), sae.export_tensors(), k=4, metadata={"job_id": "t"})
+    coder = sparsify.SparseCoder.load_from_disk(uri)
+    assert (coder.num_latents, coder.d_in, coder.cfg.k) == (64, 16, 4)
+    with torch.no_grad():
+        theirs = coder(x).sae_out
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
