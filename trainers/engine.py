@@ -66,8 +66,9 @@ def build_engine(model: nn.Module, lr: float, total_steps: int, warmup_steps: in
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(zero_stage, bf16), mpu=mpu,
         lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule))
-    if mpu is None or mpu.get_data_parallel_world_size() == 1:
+    if zero_stage == 0 and (mpu is None or mpu.get_data_parallel_world_size() == 1):
         # One replica: nothing to average, but DeepSpeed would still flatten every gradient into its all-reduce
-        # buckets (a copy of both [M/S, d] matrices). b_dec's sum over shards is the model's own hook.
+        # buckets (a copy of both [M/S, d] matrices). b_dec's sum over shards is the model's own hook. (ZeRO-1/2
+        # move gradients into their partitions on that same path, so they keep it.)
         engine.enable_backward_allreduce = False
     return engine
