@@ -137,6 +137,15 @@ def variance_denominator(x: Tensor) -> Tensor:
 LATENT_PARAMETERS = ("W_enc", "b_enc", "W_dec", "log_threshold")
 
 
+def _pad_columns(values: Tensor, indices: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Widen [N, c] (values, indices) to [N, width] with zero values (at index 0: they select nothing)."""
+    missing = width - values.shape[1]
+    if missing <= 0:
+        return values, indices
+    return (torch.cat([values, values.new_zeros(values.shape[0], missing)], dim=1),
+            torch.cat([indices, indices.new_zeros(indices.shape[0], missing)], dim=1))
+
+
 class SparseAutoencoder(nn.Module):
     """A dictionary of cfg.latents latents; with a sharded `mesh`, this rank's slice of them (trainers/parallel.py).
 
@@ -219,7 +228,7 @@ class SparseAutoencoder(nn.Module):
     def _forward_sparse(self, x: Tensor, dead_mask: Tensor | None) -> SAEOutput:
         cfg = self.cfg
         batch = cfg.architecture == "batchtopk"
-        aux_wanted = cfg.uses_auxk and self.training and dead_mask is not None and bool(dead_mask.any())
+        aux_wanted = cfg.uses_auxk and self.training and dead_mask is not None and self._any_dead(dead_mask)
         acts, indices, aux_acts, aux_indices = topk_encode(
             x - self.b_dec, self.W_enc, self.b_enc, cfg.row_cap if batch else cfg.k, chunk=cfg.encoder_chunk,
             dead_mask=dead_mask if aux_wanted else None, k_aux=cfg.effective_k_aux if aux_wanted else 0,
@@ -232,18 +241,28 @@ class SparseAutoencoder(nn.Module):
         x_hat = self._decode_sum(sparse_decode(acts, indices, self.W_dec, sparse_grads=cfg.sparse_grads))
         fvu = (x - x_hat).pow(2).sum() / variance_denominator(x)
         auxk_loss = x.new_zeros(())
-        if aux_wanted and aux_acts.shape[1] > 0:
+        if aux_wanted and (aux_acts.shape[1] > 0 or self.mesh.sharded):
             # Reconstruct the residual from dead latents only; normalized by the residual's own variance (as
             # sparsify does) so the term keeps its weight as the main FVU falls.
             residual = (x - x_hat).detach()
             if self.mesh.sharded:
-                aux_acts = aux_acts * self.mesh.select_global(aux_acts, aux_acts.shape[1])
+                # A shard offers min(k_aux, its dead latents) candidates: pad to k_aux so every shard gathers
+                # the same width (zeros decode to nothing), then keep the global top-k_aux, as one rank would.
+                aux_acts, aux_indices = _pad_columns(aux_acts, aux_indices, cfg.effective_k_aux)
+                aux_acts = aux_acts * self.mesh.select_global(aux_acts, cfg.effective_k_aux)
             residual_hat = self.mesh.sum_across_shards(
                 sparse_decode(aux_acts, aux_indices, self.W_dec, sparse_grads=cfg.sparse_grads))
             auxk_loss = (residual - residual_hat).pow(2).sum() / variance_denominator(residual)
             auxk_loss = torch.nan_to_num(auxk_loss, nan=0.0, posinf=0.0)
         loss = fvu + cfg.auxk_alpha * auxk_loss
         return SAEOutput(x_hat, acts, indices, fvu, auxk_loss, loss, metrics=metrics)
+
+    def _any_dead(self, dead_mask: Tensor) -> bool:
+        """Whether any latent of the whole dictionary is dead: every shard must agree on taking the AuxK path,
+        whose collectives would otherwise wait for a shard that skipped it."""
+        if not self.mesh.sharded:
+            return bool(dead_mask.any())
+        return bool(self.mesh.sum_over(dead_mask.any().float().reshape(1), "shards") > 0)
 
     def _decode_sum(self, partial: Tensor) -> Tensor:
         """x̂ = Σ over shards of the partial decodes + b_dec (each shard adds b_dec / S, so b_dec counts once)."""

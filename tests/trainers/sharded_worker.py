@@ -10,19 +10,24 @@ from trainers.parallel import ShardMesh
 from trainers.sae import SAEConfig, SparseAutoencoder
 
 D, M, N, K = 16, 64, 40, 4
-ARCHITECTURES = ["topk", "batchtopk", "relu", "jumprelu"]
+# case -> (architecture, dead latents). The last case has dead latents on shard 0 only, fewer than k_aux: the
+# shards then disagree on how many AuxK candidates they have, and shard 1 on whether there are any.
+CASES = {"topk": ("topk", slice(None, None, 3)), "batchtopk": ("batchtopk", slice(None, None, 3)),
+         "relu": ("relu", slice(None, None, 3)), "jumprelu": ("jumprelu", slice(None, None, 3)),
+         "topk-dead-on-one-shard": ("topk", slice(0, 5))}
 
 
-def data():
+def data(dead_latents: slice):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(N, D, generator=generator) * 2 + 0.5
     dead = torch.zeros(M, dtype=torch.bool)
-    dead[::3] = True
+    dead[dead_latents] = True
     return x, dead
 
 
-def run(architecture: str, mesh: ShardMesh | None) -> dict:
-    x, dead = data()
+def run(case: str, mesh: ShardMesh | None) -> dict:
+    architecture, dead_latents = CASES[case]
+    x, dead = data(dead_latents)
     cfg = SAEConfig(d_in=D, latents=M, k=K, architecture=architecture, k_aux=8, initialization="random",
                     sparsity_warmup=0.0)
     sae = SparseAutoencoder(cfg, mesh=mesh)
@@ -41,6 +46,6 @@ if __name__ == "__main__":
     rank, world, init, out_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     mesh = ShardMesh.build(world, rank, shards=world)
-    torch.save({arch: run(arch, mesh) for arch in ARCHITECTURES}, out_file)
+    torch.save({case: run(case, mesh) for case in CASES}, out_file)
     dist.barrier()
     dist.destroy_process_group()

@@ -1,5 +1,5 @@
 """Latent sharding: two gloo ranks (two processes) holding half of the latents each compute the same losses,
-reconstructions and gradients as one unsharded dictionary, for every architecture (and AuxK)."""
+reconstructions and gradients as one unsharded dictionary, for every architecture (and AuxK, also with dead latents on one shard only)."""
 
 import importlib.util
 import subprocess
@@ -26,11 +26,11 @@ def sharded_results(tmp_path_factory):
     return {rank: torch.load(folder / f"rank{rank}.pt") for rank in range(2)}
 
 
-@pytest.mark.parametrize("architecture", sharded_worker.ARCHITECTURES)
-def test_two_shards_equal_one_dictionary(architecture, sharded_results):
-    reference = sharded_worker.run(architecture, None)
+@pytest.mark.parametrize("case", sharded_worker.CASES)
+def test_two_shards_equal_one_dictionary(case, sharded_results):
+    reference = sharded_worker.run(case, None)
     for rank in (0, 1):
-        got = sharded_results[rank][architecture]
+        got = sharded_results[rank][case]
         for key in ("loss", "fvu", "auxk", "x_hat"):
             torch.testing.assert_close(got[key], reference[key], rtol=1e-5, atol=1e-6, msg=f"{key} rank {rank}")
         start, stop = got["range"]
@@ -43,3 +43,4 @@ def test_two_shards_equal_one_dictionary(architecture, sharded_results):
 
 def test_auxk_is_active_in_the_comparison(sharded_results):
     assert float(sharded_results[0]["topk"]["auxk"]) > 0
+    assert float(sharded_results[1]["topk-dead-on-one-shard"]["auxk"]) > 0  # shard 1 has none dead itself
