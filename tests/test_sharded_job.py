@@ -30,7 +30,7 @@ def two_runs(repo_root, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sharded")
     spec = load_job_spec(repo_root / "examples" / "tiny.yaml")
     spec = spec.model_copy(update={"training": spec.training.model_copy(update={
-        "tokens": 60 * 1024, "log_every_steps": 10, "checkpoint_every_steps": 0, "splice_eval_tokens": 0})})
+        "tokens": 60 * 1024, "log_every_steps": 1, "checkpoint_every_steps": 0, "splice_eval_tokens": 0})})
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SAEFORGE_HOME", str(tmp_path))
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -44,13 +44,16 @@ def two_runs(repo_root, tmp_path_factory):
 def test_two_shards_train_the_same_dictionary(two_runs):
     (one, one_losses, one_weights), (two, two_losses, two_weights) = two_runs
     assert two["latent_shards"] == 2 and one["latent_shards"] == 1
-    assert len(one_losses) == len(two_losses) == 6
+    assert len(one_losses) == len(two_losses) == 60
     assert two_losses[-1] < two_losses[0]  # the sharded dictionary learns
-    # Through the whole job the two runs drift apart: 0.04% in the first 10-step window and up to ~3% by step 60
-    # in the runs seen so far, although the two-rank unit test (tests/trainers/test_parallel.py) is exact and so
-    # is the same comparison through DeepSpeed in one process group. The cause is not found yet; the bounds
-    # below are that observed drift with margin, not equality.
-    assert two_losses[0] == pytest.approx(one_losses[0], rel=1e-2)
+    # Step 1 is the same up to rounding (tests/trainers/test_parallel.py checks every architecture's gradients).
+    # From step 2 the runs differ by rounding: the shards sum b_dec's gradient and the decode in another order.
+    # Through the job that difference stays ~1e-7 to step 6, then jumps (5e-6 at step 7, 1e-3 by step 30, the
+    # same with ZeRO off): a discrete event, as when a near-tie in some token's top-k goes the other way and
+    # Adam's normalised step then moves the two latents involved by a full step each. The late bounds are that
+    # observed growth with margin, not equality; the first five steps are held to rounding.
+    assert two_losses[0] == pytest.approx(one_losses[0], rel=1e-6)
+    torch.testing.assert_close(torch.tensor(two_losses[:5]), torch.tensor(one_losses[:5]), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(two_losses), torch.tensor(one_losses), rtol=0.08, atol=1e-4)
     assert two["held_out_fvu"] == pytest.approx(one["held_out_fvu"], rel=0.15)
     assert two["held_out_l0"] == pytest.approx(one["held_out_l0"])

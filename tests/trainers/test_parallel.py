@@ -1,5 +1,6 @@
 """Latent sharding: two gloo ranks (two processes) holding half of the latents each compute the same losses,
-reconstructions and gradients as one unsharded dictionary, for every architecture (and AuxK, also with dead latents on one shard only)."""
+reconstructions and gradients as one unsharded dictionary, for every architecture
+(and AuxK, also with dead latents on one shard only)."""
 
 import importlib.util
 import subprocess
