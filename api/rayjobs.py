@@ -149,11 +149,16 @@ def start_local_ray(home: Path, num_cpus: int, timeout: float = 180.0) -> str:
              "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
              "--node-manager-port": _free_port(), "--object-manager-port": _free_port(),
              "--metrics-export-port": _free_port(), "--runtime-env-agent-port": _free_port()}
+    # Two per-job costs a single local node does not need (measured on 2 cores: 7% of a tiny job's CPU): the log
+    # monitor tails every worker's log to stream it to drivers, but service jobs run quiet (log_to_driver off;
+    # job logs are read from their files); Ray Train's preemption watcher, one actor per job, polls for node
+    # drains, which only an autoscaler or KubeRay does.
     command = [_ray_executable(), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={num_cpus}",
                f"--object-store-memory={1 << 30}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-               *(f"{flag}={port}" for flag, port in ports.items())]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+               "--include-log-monitor=false", *(f"{flag}={port}" for flag, port in ports.items())]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     log = open(state.parent / "ray-start.log", "ab")  # noqa: SIM115 - the child keeps it
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                start_new_session=True)

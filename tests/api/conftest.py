@@ -21,6 +21,18 @@ TOKENS = {"token-alice": "alice", "token-bob": "bob"}
 ALICE = {"Authorization": "Bearer token-alice"}
 BOB = {"Authorization": "Bearer token-bob"}
 
+TINY_MODEL = {"random": {"family": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                         "intermediate_size": 64, "seed": 0}}
+# The smallest real job: one layer, one dictionary, two steps, no splice evaluation (its actor would load the
+# model a second time); the held-out batch stays, for the final L0 the tests check.
+LOAD = {
+    "name": "load", "model": {"random": {**TINY_MODEL["random"], "num_layers": 1}}, "hook": {"layer": 0},
+    "data": {"context_length": 64}, "dictionaries": [{"name": "d", "latents": 64, "k": 4, "initialization": "random"}],
+    "training": {"tokens": 512, "batch_tokens": 256, "warmup_steps": 0, "log_every_steps": 1, "eval_tokens": 256,
+                 "splice_eval_tokens": 0},
+    "tracking": {"experiment": "load"},
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:
