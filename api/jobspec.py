@@ -224,6 +224,9 @@ class TrainingSpec(Strict):
         2048, description="held-out tokens for delta LM loss / CE loss recovered (whole model); 0: skip")
     eval_every_steps: Annotated[int, Field(ge=0)] = Field(
         0, description="splice evaluation every N steps as well as at the end; 0: at the end only")
+    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = Field(
+        1, description="batches whose gradients add up into one optimizer step (a larger effective batch in the "
+                       "memory of one); steps, warm-up and checkpoint intervals still count batches")
 
     @model_validator(mode="after")
     def _enough_tokens(self) -> TrainingSpec:
@@ -232,6 +235,11 @@ class TrainingSpec(Strict):
                 f"training.tokens ({self.tokens}) is smaller than one batch (training.batch_tokens = "
                 f"{self.batch_tokens}); raise tokens or lower batch_tokens"
             )
+        if self.checkpoint_every_steps % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"training.checkpoint_every_steps ({self.checkpoint_every_steps}) must be a multiple of "
+                f"training.gradient_accumulation_steps ({self.gradient_accumulation_steps}): checkpoints are taken "
+                "between optimizer steps; change one of them")
         return self
 
     @property
@@ -247,10 +255,20 @@ class ClusterSpec(Strict):
         1, description="ranks that split each dictionary's latents; trainer_ranks / latent_shards replicas "
                        "train on different batches (data parallel)")
     zero_stage: Literal[0, 1, 2] = 1
+    offload_optimizer: bool = Field(
+        False, description="keep fp32 master weights and Adam's moments in host memory and step there (ZeRO-Offload; "
+                           "needs zero_stage 1 or 2): for dictionaries whose training state exceeds GPU memory")
     buffer_batches: Annotated[int, Field(ge=1)] = 4
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     max_failures: Annotated[int, Field(ge=0)] = Field(
         2, description="trainer-group restarts from the last checkpoint before the job fails")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> ClusterSpec:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("cluster.offload_optimizer needs ZeRO: set cluster.zero_stage to 1 or 2, or "
+                             "offload_optimizer to false")
+        return self
 
 
 class TrackingSpec(Strict):
@@ -308,9 +326,12 @@ class JobSpec(Strict):
         if self.cluster.trainer_ranks % self.cluster.latent_shards:
             raise ValueError(f"cluster.trainer_ranks ({self.cluster.trainer_ranks}) must be a multiple of "
                              f"cluster.latent_shards ({self.cluster.latent_shards}); change one of them")
-        if self.training.tokens < self.training.batch_tokens * self.replicas:
-            raise ValueError(f"training.tokens ({self.training.tokens}) is less than one step of the "
-                             f"{self.replicas} data-parallel replicas; raise tokens or lower batch_tokens")
+        accumulation = self.training.gradient_accumulation_steps
+        if self.training.tokens < self.training.batch_tokens * self.replicas * accumulation:
+            raise ValueError(f"training.tokens ({self.training.tokens}) is less than one optimizer step: "
+                             f"{accumulation} batch(es) of training.batch_tokens ({self.training.batch_tokens}) for "
+                             f"each of the {self.replicas} data-parallel replicas; raise tokens, or lower "
+                             "batch_tokens or training.gradient_accumulation_steps")
         return self
 
     @property
@@ -320,7 +341,13 @@ class JobSpec(Strict):
 
     @property
     def steps(self) -> int:
-        return self.training.tokens // (self.training.batch_tokens * self.replicas)
+        """Batches each replica trains on: whole optimizer steps of gradient_accumulation_steps batches."""
+        accumulation = self.training.gradient_accumulation_steps
+        return self.training.tokens // (self.training.batch_tokens * self.replicas * accumulation) * accumulation
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.steps // self.training.gradient_accumulation_steps
 
     @property
     def total_tokens(self) -> int:

@@ -23,13 +23,23 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def deepspeed_config(zero_stage: int, bf16: bool, gradient_accumulation_steps: int = 1) -> dict:
+def deepspeed_config(zero_stage: int, bf16: bool, gradient_accumulation_steps: int = 1,
+                     offload_optimizer: bool = False, pin_memory: bool = False) -> dict:
+    zero: dict = {"stage": zero_stage}
+    if offload_optimizer:
+        # ZeRO-Offload: fp32 master weights and Adam's moments (3/4 of a dictionary's training state) live in host
+        # memory and the step runs there, so a GPU holds only the bf16 weights and gradients of its latents.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
     return {
         "train_micro_batch_size_per_gpu": 1,  # one activation batch (batch_tokens rows) per micro-step
+        # Micro-steps whose gradients add up before one optimizer step: a larger effective batch than the
+        # [batch_tokens, latents] pre-activations of one micro-step would fit in memory.
         "gradient_accumulation_steps": gradient_accumulation_steps,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,  # torch's Adam: no C++ extension build needed on CPU
+        # Offload with torch's (fused, CPU) Adam rather than DeepSpeedCPUAdam, which is a C++ extension to build.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -50,8 +60,9 @@ def lr_lambda(total_steps: int, warmup_steps: int, decay_fraction: float = 0.2):
 
 
 def build_engine(model: nn.Module, lr: float, total_steps: int, warmup_steps: int, zero_stage: int, bf16: bool,
-                 mpu=None):
-    """deepspeed.initialize with torch's Adam and our schedule; returns the engine.
+                 mpu=None, gradient_accumulation_steps: int = 1, offload_optimizer: bool = False):
+    """deepspeed.initialize with torch's Adam and our schedule; returns the engine. `total_steps` and
+    `warmup_steps` count optimizer steps (micro-steps / gradient_accumulation_steps).
 
     `mpu` (a trainers.parallel.ShardMesh) tells DeepSpeed which ranks are data-parallel replicas of the same
     parameters: it reduces gradients and partitions ZeRO state over those only, never across latent shards.
@@ -64,7 +75,10 @@ def build_engine(model: nn.Module, lr: float, total_steps: int, warmup_steps: in
     # A callable: DeepSpeed builds the schedule on the optimizer it wraps (ZeRO's), not on the bare one.
     schedule = lr_lambda(total_steps, warmup_steps)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(zero_stage, bf16), mpu=mpu,
+        model=model, optimizer=optimizer, config=deepspeed_config(
+            zero_stage, bf16, gradient_accumulation_steps, offload_optimizer,
+            pin_memory=next(model.parameters()).device.type == "cuda"),
+        mpu=mpu,
         lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule))
     if zero_stage == 0 and (mpu is None or mpu.get_data_parallel_world_size() == 1):
         # One replica: nothing to average, but DeepSpeed would still flatten every gradient into its all-reduce

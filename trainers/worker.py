@@ -63,9 +63,12 @@ def _build(spec: JobSpec, index: int, sample: np.ndarray, device: torch.device, 
     sae = SparseAutoencoder(cfg, device=device, mesh=mesh)
     generator = torch.Generator().manual_seed(spec.training.seed + index)
     info = sae.initialize(_tensor(sample).to(device), generator=generator)
-    engine = build_engine(sae, lr=dictionary.resolved_lr(d_model), total_steps=spec.steps,
-                          warmup_steps=spec.training.warmup_steps, zero_stage=spec.cluster.zero_stage,
-                          bf16=use_bf16(spec.training.precision, device), mpu=mesh if mesh.world > 1 else None)
+    accumulation = spec.training.gradient_accumulation_steps
+    engine = build_engine(sae, lr=dictionary.resolved_lr(d_model), total_steps=spec.optimizer_steps,
+                          warmup_steps=-(-spec.training.warmup_steps // accumulation),  # batches → optimizer steps
+                          zero_stage=spec.cluster.zero_stage, bf16=use_bf16(spec.training.precision, device),
+                          mpu=mesh if mesh.world > 1 else None, gradient_accumulation_steps=accumulation,
+                          offload_optimizer=spec.cluster.offload_optimizer)
     tracker = FiringTracker(sae.latent_stop - sae.latent_start, dictionary.dead_window_tokens, device=device)
     return Dictionary(spec.dictionary_name(index), spec.hook_of(index).name, sae, engine, tracker, info)
 
@@ -198,7 +201,9 @@ def train_worker(config: dict) -> None:
                 if rank == 0:
                     evaluator.evaluate.remote(index, d.sae.cfg, state, step + 1, tokens)
         every, stop_at = spec.training.checkpoint_every_steps, config.get("stop_at_step")
-        stopping = stop_at is not None and step + 1 >= stop_at and not last
+        # A stop waits for the end of the optimizer step: accumulated gradients are not part of a checkpoint.
+        boundary = (step + 1) % spec.training.gradient_accumulation_steps == 0
+        stopping = stop_at is not None and step + 1 >= stop_at and boundary and not last
         if (every and (step + 1) % every == 0 and not last) or stopping:
             _save_checkpoint(dictionaries, mesh, buffer, step + 1, tokens, {"step": step + 1, "tokens": tokens})
         if stopping:  # checkpointed; the job is resumed later (saeforge run --resume)

@@ -91,6 +91,23 @@ def test_ranks_are_whole_replicas_of_the_shards():
     assert spec.replicas == 2 and spec.steps == 5 and spec.total_tokens == 40960
 
 
+def test_gradient_accumulation_counts_whole_optimizer_steps():
+    spec = parse_job_spec({"cluster": {"trainer_ranks": 2}, "training": {
+        "tokens": 11 * 4096, "batch_tokens": 2048, "gradient_accumulation_steps": 2, "checkpoint_every_steps": 4}})
+    assert spec.steps == 10 and spec.optimizer_steps == 5 and spec.total_tokens == 10 * 2 * 2048
+    with pytest.raises(JobSpecError, match=r"training.checkpoint_every_steps \(3\) must be a multiple of "
+                                           r"training.gradient_accumulation_steps \(2\)"):
+        parse_job_spec({"training": {"gradient_accumulation_steps": 2, "checkpoint_every_steps": 3}})
+    with pytest.raises(JobSpecError, match=r"less than one optimizer step.*gradient_accumulation_steps"):
+        parse_job_spec({"training": {"tokens": 8192, "batch_tokens": 4096, "gradient_accumulation_steps": 4}})
+
+
+def test_optimizer_offload_needs_zero():
+    with pytest.raises(JobSpecError, match=r"cluster.offload_optimizer needs ZeRO: set cluster.zero_stage to 1 or 2"):
+        parse_job_spec({"cluster": {"offload_optimizer": True, "zero_stage": 0}})
+    assert parse_job_spec({"cluster": {"offload_optimizer": True}}).cluster.zero_stage == 1
+
+
 def test_layer_beyond_model_depth_once_model_known():
     spec = parse_job_spec({"hook": {"layer": 30}})
     with pytest.raises(ValueError, match=r"hook.layer \(30\) is beyond the model, which has 30 layers"):
