@@ -34,8 +34,25 @@ def decoder_bias(sample: Tensor, method: str = "geometric_median") -> Tensor:
     raise ValueError(f"b_dec_init must be 'geometric_median' or 'mean'; got {method!r}")
 
 
-def random_unit_rows(rows: int, dim: int, generator: torch.Generator | None = None) -> Tensor:
-    weight = torch.randn(rows, dim, generator=generator)
+ROW_BLOCK = 16_384  # rows drawn from one seed: a shard draws only the blocks its latents fall in
+
+
+def gaussian_rows(start: int, stop: int, width: int, seed: int) -> Tensor:
+    """Rows start..stop-1 of an endless [∞, width] standard normal matrix fixed by `seed`: any latent range
+    gets the same values for its rows whether one rank draws all of them or a shard only its own, without
+    the whole [latents, width] matrix (2.3 GiB at 1M latents × 576) ever being held on a shard."""
+    if stop <= start:
+        return torch.empty(0, width)
+    first, last = start // ROW_BLOCK, (stop - 1) // ROW_BLOCK
+    blocks = [torch.randn(ROW_BLOCK, width, generator=torch.Generator().manual_seed(seed * 1_000_003 + block))
+              for block in range(first, last + 1)]
+    offset = start - first * ROW_BLOCK
+    return torch.cat(blocks)[offset:offset + stop - start]
+
+
+def random_unit_rows(start: int, stop: int, dim: int, seed: int) -> Tensor:
+    """Rows start..stop-1 of a random dictionary of unit rows fixed by `seed` (see gaussian_rows)."""
+    weight = gaussian_rows(start, stop, dim, seed)
     return weight / weight.norm(dim=1, keepdim=True)
 
 
@@ -69,8 +86,9 @@ def principal_subspace(sample: Tensor, variance_share: float = 0.99, rank: int |
     return basis, info
 
 
-def subspace_unit_rows(rows: int, basis: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """`rows` unit vectors with Gaussian coefficients in the span of the orthonormal `basis` [r, d]."""
-    coefficients = torch.randn(rows, basis.shape[0], generator=generator).to(basis.device, basis.dtype)
+def subspace_unit_rows(start: int, stop: int, basis: Tensor, seed: int) -> Tensor:
+    """Rows start..stop-1 of unit vectors with Gaussian coefficients (fixed by `seed`) in the span of the
+    orthonormal `basis` [r, d]."""
+    coefficients = gaussian_rows(start, stop, basis.shape[0], seed).to(basis.device, basis.dtype)
     weight = coefficients @ basis
     return weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)

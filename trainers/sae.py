@@ -181,12 +181,13 @@ class SparseAutoencoder(nn.Module):
         b_dec = decoder_bias(sample, cfg.b_dec_init)
         self.b_dec.copy_(b_dec)
         info: dict[str, float] = {}
+        # The generator fixes the dictionary: a shard draws its own rows of it (the same at any number of shards).
+        seed = generator.initial_seed() if generator is not None else int(torch.randint(2**31, ()))
         if cfg.initialization == "subspace":
             basis, info = principal_subspace(sample, cfg.variance_share, cfg.subspace_rank)
-            rows = subspace_unit_rows(cfg.latents, basis.cpu(), generator=generator)
+            rows = subspace_unit_rows(self.latent_start, self.latent_stop, basis.cpu(), seed)
         else:
-            rows = random_unit_rows(cfg.latents, cfg.d_in, generator=generator)
-        rows = rows[self.latent_start:self.latent_stop]  # every shard draws all rows: the same dictionary at any S
+            rows = random_unit_rows(self.latent_start, self.latent_stop, cfg.d_in, seed)
         self.W_dec.copy_(rows)
         self.W_enc.copy_(rows)
         self.b_enc.zero_()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from trainers import init
 from trainers.init import decoder_bias, geometric_median, principal_subspace, random_unit_rows, subspace_unit_rows
 
 
@@ -36,7 +37,17 @@ def test_rank_holds_the_variance_share():
 
 def test_rows_are_unit_and_inside_the_span():
     basis = torch.linalg.qr(torch.randn(10, 3)).Q.T
-    rows = subspace_unit_rows(100, basis, torch.Generator().manual_seed(0))
+    rows = subspace_unit_rows(0, 100, basis, seed=0)
     assert torch.allclose(rows.norm(dim=1), torch.ones(100), atol=1e-5)
     assert float((rows - rows @ basis.T @ basis).abs().max()) < 1e-5
-    assert torch.allclose(random_unit_rows(7, 5).norm(dim=1), torch.ones(7), atol=1e-6)
+    assert torch.allclose(random_unit_rows(0, 7, 5, seed=0).norm(dim=1), torch.ones(7), atol=1e-6)
+
+
+def test_a_latent_range_draws_its_rows_of_the_whole_dictionary(monkeypatch):
+    monkeypatch.setattr(init, "ROW_BLOCK", 8)  # ranges that start and end inside blocks and span several
+    whole = init.gaussian_rows(0, 40, 3, seed=5)
+    for start, stop in [(0, 40), (3, 5), (6, 19), (16, 24), (39, 40), (7, 7)]:
+        assert torch.equal(init.gaussian_rows(start, stop, 3, seed=5), whole[start:stop]), (start, stop)
+    assert not torch.equal(init.gaussian_rows(0, 40, 3, seed=6), whole)
+    basis = torch.linalg.qr(torch.randn(4, 2)).Q.T
+    assert torch.equal(subspace_unit_rows(10, 30, basis, seed=1), subspace_unit_rows(0, 40, basis, seed=1)[10:30])
