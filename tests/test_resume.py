@@ -30,8 +30,8 @@ def _weights(result) -> dict[str, torch.Tensor]:
         return load_safetensors(f.read())
 
 
-def _losses(result) -> dict[int, float]:
-    history = MlflowClient(result.mlflow_uri).get_metric_history(result.child_runs["tiny-topk"], "loss")
+def _history(result, metric: str = "loss") -> dict[int, float]:
+    history = MlflowClient(result.mlflow_uri).get_metric_history(result.child_runs["tiny-topk"], metric)
     return {m.step: m.value for m in history}
 
 
@@ -80,8 +80,9 @@ def test_old_checkpoints_are_pruned(runs):
 def test_resume_continues_exactly(runs):
     straight, resumed = runs["straight"], runs["resumed"]
     assert resumed.dictionaries["tiny-topk"]["tokens"] == straight.dictionaries["tiny-topk"]["tokens"] == STEPS * 1024
-    after_stop = {step: loss for step, loss in _losses(straight).items() if step > STOP}
-    assert after_stop and {step: _losses(resumed)[step] for step in after_stop} == pytest.approx(after_stop, rel=1e-6)
+    assert _history(resumed, "resumed_from_step") == {STOP: STOP} and not _history(straight, "resumed_from_step")
+    after_stop = {step: loss for step, loss in _history(straight).items() if step > STOP}
+    assert after_stop and {step: _history(resumed)[step] for step in after_stop} == pytest.approx(after_stop, rel=1e-6)
     resumed_weights = _weights(resumed)
     for name, value in _weights(straight).items():
         torch.testing.assert_close(resumed_weights[name], value, rtol=1e-5, atol=1e-6,
@@ -99,7 +100,7 @@ def test_resume_on_one_shard_reshards(runs):
     # The one-shard job continues the two-shard dictionary: its first window after the stop is where the
     # straight run's is (a fresh start would sit near FVU 1), and it keeps learning. The tails are not
     # compared tightly: whole jobs on one and two shards drift apart (tests/test_sharded_job.py).
-    losses, straight_losses = _losses(one), _losses(straight)
+    losses, straight_losses = _history(one), _history(straight)
     assert min(losses) > STOP  # nothing logged for the steps the checkpoint covers
     assert losses[STOP + 5] == pytest.approx(straight_losses[STOP + 5], rel=0.05)
     assert losses[STEPS] < losses[STOP + 5] and summary["held_out_fvu"] < 0.5

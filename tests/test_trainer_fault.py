@@ -8,6 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
+from mlflow import MlflowClient
 
 from api.jobspec import load_job_spec
 from services.runner import run_job
@@ -56,6 +57,10 @@ def test_killed_trainer_worker_resumes_from_checkpoint(repo_root, tmp_path, monk
     result = outcome["result"]
     summary = result.dictionaries["tiny-topk"]
     assert summary["tokens"] == spec.training.tokens  # the same count as a straight run
+    # It took up from a checkpoint, not from step 0: the restarted group reported where it resumed.
+    history = MlflowClient(result.mlflow_uri).get_metric_history(result.child_runs["tiny-topk"], "resumed_from_step")
+    resumed_at = [int(m.value) for m in history]
+    assert resumed_at and all(step > 0 and step % 50 == 0 for step in resumed_at), resumed_at
     assert summary["held_out_fvu"] < 0.5
     kept = [p for p in checkpoints.glob("checkpoint_*") if p.is_dir()]
     assert 1 <= len(kept) <= spec.training.keep_checkpoints

@@ -159,6 +159,9 @@ def train_worker(config: dict) -> None:
         for d in dictionaries:
             monitor.report.remote(d.name, 0, 0, {f"init_{k}": float(v) for k, v in d.init_info.items()})
     _restore(dictionaries, mesh)
+    if rank == 0 and start_step:  # a restarted worker group or a resumed job: MLflow shows where it took up
+        for d in dictionaries:
+            monitor.report.remote(d.name, start_step, tokens, {"resumed_from_step": float(start_step)})
     total_steps = spec.steps
     rows_per_step = spec.training.batch_tokens * mesh.replicas
     window: dict[str, list[torch.Tensor]] = {d.name: [] for d in dictionaries}
