@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainers.init import decoder_bias, principal_subspace, random_unit_rows, subspace_unit_rows
@@ -135,15 +136,6 @@ def variance_denominator(x: Tensor) -> Tensor:
 
 # The parameters with one entry per latent (split along dim 0 across latent shards); the rest every shard holds.
 LATENT_PARAMETERS = ("W_enc", "b_enc", "W_dec", "log_threshold")
-
-
-def _pad_columns(values: Tensor, indices: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """Widen [N, c] (values, indices) to [N, width] with zero values (at index 0: they select nothing)."""
-    missing = width - values.shape[1]
-    if missing <= 0:
-        return values, indices
-    return (torch.cat([values, values.new_zeros(values.shape[0], missing)], dim=1),
-            torch.cat([indices, indices.new_zeros(indices.shape[0], missing)], dim=1))
 
 
 class SparseAutoencoder(nn.Module):
@@ -249,7 +241,8 @@ class SparseAutoencoder(nn.Module):
             if self.mesh.sharded:
                 # A shard offers min(k_aux, its dead latents) candidates: pad to k_aux so every shard gathers
                 # the same width (zeros decode to nothing), then keep the global top-k_aux, as one rank would.
-                aux_acts, aux_indices = _pad_columns(aux_acts, aux_indices, cfg.effective_k_aux)
+                missing = cfg.effective_k_aux - aux_acts.shape[1]  # zero values at index 0 select nothing
+                aux_acts, aux_indices = F.pad(aux_acts, (0, missing)), F.pad(aux_indices, (0, missing))
                 aux_acts = aux_acts * self.mesh.select_global(aux_acts, cfg.effective_k_aux)
             residual_hat = self.mesh.sum_across_shards(
                 sparse_decode(aux_acts, aux_indices, self.W_dec, sparse_grads=cfg.sparse_grads))
