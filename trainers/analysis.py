@@ -1,0 +1,286 @@
+"""What a trained dictionary learned, computed in one streaming pass and bounded memory whatever the token count.
+
+Per latent (`LatentStatistics`, updated batch by batch with the sparse activations of every token):
+- firing count, sum and max of its activation (frequency = count / tokens, mean = sum / count: over firings);
+- the top-N activating positions, with the latent's activation over each one's context window;
+- N "quantile" examples: a uniform sample of its firings without replacement (bottom-k sampling: every firing
+  gets a deterministic pseudo-random key from its (position, latent), and the N firings with the largest keys
+  are kept — the same streaming top-N as above, on keys instead of activations), shown sorted by activation,
+  so example j sits at the j/N quantile of the latent's firing distribution;
+- a histogram of its activation with `bins` (a power of two) bins over [0, 2^e): e grows with the latent's max,
+  and when it grows by g the counts of 2^g neighbouring bins merge, which is exact (the bins nest).
+
+Memory: per latent 2·N·(4 + 8 + 2·C) bytes for the examples (value, position, C context activations as float16),
+bins·8 for the histogram and ~24 for the scalars — at 131,072 latents, N = 20, C = 32: ~0.75 GiB.
+
+Per dictionary (`logit_effects`, `nearest_latents`): the top and bottom tokens of W_U · (norm weight ⊙ W_dec,i)
+(the model's final norm taken as its elementwise weight, centred first for a LayerNorm; its division by the
+RMS is left out, as in direct logit attribution), and each latent's nearest latents by decoder cosine —
+chunked over latents; exact up to EXACT_NEIGHBOURS_LATENTS, above it against a fixed uniform sample of that
+many latents (the method is returned with the result).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+EXACT_NEIGHBOURS_LATENTS = 131_072
+_M31 = (1 << 31) - 1
+
+
+def sample_keys(positions: Tensor, latents: Tensor) -> Tensor:
+    """A pseudo-random key in [0, 1) per (position, latent): deterministic, so a brute force can recompute it.
+    31-bit multiply-xorshift rounds (products stay below 2^62: no int64 overflow on any device)."""
+    h = ((positions & _M31) * 0x2545F491) & _M31
+    h = ((h ^ (latents & _M31)) * 0x6C078965) & _M31
+    h = h ^ (h >> 15)
+    h = (h * 0x3C6EF372 + 0x1B873593) & _M31
+    h = h ^ (h >> 13)
+    return h.to(torch.float64).div(float(1 << 31)).to(torch.float32)
+
+
+def group_ranks(groups: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """(order, rank): `order` sorts the entries by group, then by score descending; rank is each sorted entry's
+    place within its group (0 = largest score)."""
+    by_score = torch.argsort(scores, descending=True, stable=True)
+    order = by_score[torch.argsort(groups[by_score], stable=True)]
+    sorted_groups = groups[order]
+    _, counts = torch.unique_consecutive(sorted_groups, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(order), device=groups.device) - torch.repeat_interleave(starts, counts)
+    return order, rank
+
+
+@dataclass
+class TopSlots:
+    """The N best entries per latent by score, kept sorted (descending), with their payload."""
+    scores: Tensor  # [M, N] float32, -inf where empty
+    values: Tensor  # [M, N] float32 activation
+    positions: Tensor  # [M, N] int64 global token position, -1 where empty
+    contexts: Tensor  # [M, N, C] float16 the latent's activation over the context window
+
+    @classmethod
+    def empty(cls, latents: int, n: int, context: int, device: torch.device | str) -> TopSlots:
+        return cls(torch.full((latents, n), float("-inf"), device=device),
+                   torch.zeros(latents, n, device=device),
+                   torch.full((latents, n), -1, dtype=torch.long, device=device),
+                   torch.zeros(latents, n, context, dtype=torch.float16, device=device))
+
+    def candidates(self, latents: Tensor, scores: Tensor) -> Tensor:
+        """Indices of the entries that can enter: above their latent's current N-th score, and among the N best
+        of their latent in this batch."""
+        n = self.scores.shape[1]
+        better = torch.nonzero(scores > self.scores[latents, n - 1]).squeeze(1)
+        if better.numel() == 0:
+            return better
+        order, rank = group_ranks(latents[better], scores[better])
+        return better[order[rank < n]]
+
+    def merge(self, latents: Tensor, scores: Tensor, values: Tensor, positions: Tensor, contexts: Tensor) -> None:
+        """Merge candidate entries (at most N per latent, as `candidates` returns) into the slots."""
+        if latents.numel() == 0:
+            return
+        n = self.scores.shape[1]
+        touched, slot_of = torch.unique(latents, return_inverse=True)
+        order, rank = group_ranks(slot_of, scores)
+        column = torch.empty_like(rank)
+        column[order] = rank  # the entry's place among its latent's candidates
+        u = len(touched)
+        new_scores = torch.full((u, n), float("-inf"), device=scores.device)
+        new_scores[slot_of, column] = scores
+        new_values = torch.zeros(u, n, device=scores.device)
+        new_values[slot_of, column] = values
+        new_positions = torch.full((u, n), -1, dtype=torch.long, device=scores.device)
+        new_positions[slot_of, column] = positions
+        new_contexts = torch.zeros(u, n, contexts.shape[1], dtype=torch.float16, device=scores.device)
+        new_contexts[slot_of, column] = contexts.to(torch.float16)
+        all_scores = torch.cat([self.scores[touched], new_scores], 1)
+        best = torch.topk(all_scores, n, dim=1, sorted=True).indices
+        self.scores[touched] = all_scores.gather(1, best)
+        self.values[touched] = torch.cat([self.values[touched], new_values], 1).gather(1, best)
+        self.positions[touched] = torch.cat([self.positions[touched], new_positions], 1).gather(1, best)
+        both = torch.cat([self.contexts[touched], new_contexts], 1)
+        self.contexts[touched] = both.gather(1, best[:, :, None].expand(-1, -1, both.shape[2]))
+
+
+def context_activations(values: Tensor, indices: Tensor, flat: Tensor, latents: Tensor, window: int,
+                        before: int, after: int) -> Tensor:
+    """[E, before + 1 + after]: the activation of latents[e] at the positions around flat[e] (the same window only).
+
+    values / indices: [T, k] sparse activations of the batch's T = windows · window tokens (row-major).
+    """
+    offsets = torch.arange(-before, after + 1, device=flat.device)
+    where = flat[:, None] + offsets  # [E, C]
+    same_window = (where >= 0) & (where < values.shape[0]) & (where.div(window, rounding_mode="floor")
+                                                               == flat.div(window, rounding_mode="floor")[:, None])
+    safe = where.clamp(0, values.shape[0] - 1)
+    out = torch.zeros(where.shape, device=values.device)
+    for start in range(0, len(flat), 4096):  # [chunk, C, k] comparisons at a time
+        part = slice(start, start + 4096)
+        match = indices[safe[part]] == latents[part, None, None]
+        out[part] = (values[safe[part]] * match).sum(-1)
+    return out * same_window
+
+
+class LatentStatistics:
+    """Streaming per-latent statistics of one dictionary (see the module docstring)."""
+
+    def __init__(self, latents: int, top_n: int = 20, before: int = 24, after: int = 8, bins: int = 32,
+                 device: torch.device | str = "cpu"):
+        if bins & (bins - 1) or bins < 2:
+            raise ValueError(f"bins must be a power of two ≥ 2; got {bins}")
+        self.latents, self.top_n, self.before, self.after, self.bins = latents, top_n, before, after, bins
+        context = before + 1 + after
+        self.count = torch.zeros(latents, dtype=torch.long, device=device)
+        self.total = torch.zeros(latents, dtype=torch.float64, device=device)
+        self.max = torch.zeros(latents, device=device)
+        self.top = TopSlots.empty(latents, top_n, context, device)
+        self.sample = TopSlots.empty(latents, top_n, context, device)
+        self.histogram = torch.zeros(latents, bins, dtype=torch.long, device=device)
+        self.exponent = torch.full((latents,), -126, dtype=torch.int32, device=device)  # histogram over [0, 2^e)
+        self.tokens = 0
+
+    def bytes(self) -> int:
+        tensors = [self.count, self.total, self.max, self.histogram, self.exponent,
+                   *(t for slots in (self.top, self.sample) for t in vars(slots).values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @torch.no_grad()
+    def update(self, values: Tensor, indices: Tensor, first_position: int, window: int, keep: Tensor) -> None:
+        """One batch: values / indices [T, k] (the sparse code of T = windows · window tokens, row-major; zero
+        values are no firing), their global positions first_position + arange(T); `keep` [T] False at special
+        tokens (BOS/EOS/padding), which neither count nor fire (their context activations show as 0)."""
+        values = values.float() * keep[:, None]
+        self.tokens += int(keep.sum())
+        token, slot = torch.nonzero(values > 0, as_tuple=True)
+        latents, acts = indices[token, slot].long(), values[token, slot]
+        if latents.numel() == 0:
+            return
+        self.count.index_add_(0, latents, torch.ones_like(latents))
+        self.total.index_add_(0, latents, acts.double())
+        self.max.scatter_reduce_(0, latents, acts, reduce="amax")
+        self._histogram(latents, acts)
+        positions = token + first_position
+        keys = sample_keys(positions, latents)
+        for slots, scores in ((self.top, acts), (self.sample, keys)):
+            chosen = slots.candidates(latents, scores)
+            contexts = context_activations(values, indices, token[chosen], latents[chosen], window,
+                                           self.before, self.after)
+            slots.merge(latents[chosen], scores[chosen], acts[chosen], positions[chosen], contexts)
+
+    def _histogram(self, latents: Tensor, acts: Tensor) -> None:
+        _, exponents = torch.frexp(acts)  # acts < 2^exponent
+        needed = self.exponent.clone().scatter_reduce_(0, latents, exponents.int(), reduce="amax")
+        grow = torch.nonzero(needed > self.exponent).squeeze(1)
+        if grow.numel():
+            shift = (needed[grow] - self.exponent[grow]).clamp(max=62).long()
+            target = torch.arange(self.bins, device=acts.device)[None] >> shift[:, None]
+            merged = torch.zeros(len(grow), self.bins, dtype=torch.long, device=acts.device)
+            self.histogram[grow] = merged.scatter_add_(1, target, self.histogram[grow])
+            self.exponent[grow] = needed[grow]
+        scale = self.exponent[latents] - (self.bins.bit_length() - 1)  # bin width 2^(e - log2 bins), exact
+        bin_index = torch.ldexp(acts, -scale.float()).floor().long().clamp_(0, self.bins - 1)
+        self.histogram.view(-1).index_add_(0, latents * self.bins + bin_index, torch.ones_like(bin_index))
+
+    def histogram_upper(self) -> Tensor:
+        """The upper edge 2^e of each latent's histogram (0 for a latent that never fired)."""
+        return torch.where(self.count > 0, torch.ldexp(torch.ones_like(self.max), self.exponent.float()),
+                           torch.zeros_like(self.max))
+
+    def frequency(self) -> Tensor:
+        return self.count.double() / max(self.tokens, 1)
+
+    def mean(self) -> Tensor:
+        return torch.where(self.count > 0, self.total / self.count.clamp_min(1), torch.zeros_like(self.total))
+
+    def quantile_examples(self) -> TopSlots:
+        """The sampled firings, sorted by activation (descending) per latent."""
+        values = torch.where(self.sample.positions >= 0, self.sample.values, torch.full_like(self.sample.values,
+                                                                                         float("-inf")))
+        order = torch.argsort(values, dim=1, descending=True)
+        c = self.sample.contexts.shape[2]
+        return TopSlots(values.gather(1, order), self.sample.values.gather(1, order),
+                        self.sample.positions.gather(1, order),
+                        self.sample.contexts.gather(1, order[:, :, None].expand(-1, -1, c)))
+
+
+def sparse_code(x: Tensor, tensors: dict[str, Tensor], architecture: str, k: int | None,
+                chunk: int = 8192) -> tuple[Tensor, Tensor]:
+    """(values [N, k'], indices [N, k']) of an exported dictionary (SAELens tensors: W_enc [d, M]) on x [N, d].
+
+    TopK: the kernels' chunked top-k (no N×M matrix). JumpReLU (BatchTopK is exported as JumpReLU) and ReLU
+    ("standard"): chunked over latents, every firing kept; k' is the most firings of any row (zero-padded).
+    """
+    from trainers.kernels import topk_encode
+
+    W_enc, b_enc, b_dec = tensors["W_enc"], tensors["b_enc"], tensors["b_dec"]
+    centred = x.to(W_enc.dtype) - b_dec
+    if architecture == "topk":
+        values, indices, _, _ = topk_encode(centred, W_enc.T, b_enc, int(k), chunk=chunk)
+        return values, indices
+    threshold = tensors.get("threshold")
+    rows, cols, vals = [], [], []
+    for start in range(0, W_enc.shape[1], chunk):
+        pre = centred @ W_enc[:, start:start + chunk] + b_enc[start:start + chunk]
+        fires = pre > (threshold[start:start + chunk] if threshold is not None else 0)
+        r, c = torch.nonzero(fires, as_tuple=True)
+        rows.append(r)
+        cols.append(c + start)
+        vals.append(pre[r, c])
+    r, c, v = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+    width = int(torch.bincount(r, minlength=x.shape[0]).max()) if len(r) else 1
+    order, rank = group_ranks(r, v)
+    values = torch.zeros(x.shape[0], width, device=x.device)
+    indices = torch.zeros(x.shape[0], width, dtype=torch.long, device=x.device)
+    values[r[order], rank] = v[order]
+    indices[r[order], rank] = c[order]
+    return values, indices
+
+
+@torch.no_grad()
+def logit_effects(W_dec: Tensor, unembedding: Tensor, norm_weight: Tensor | None, centre: bool, top: int = 10,
+                  chunk: int = 4096) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(top_values, top_tokens, bottom_values, bottom_tokens), each [M, top], of W_U · (γ ⊙ W_dec,i)."""
+    directions = W_dec.float()
+    if centre:
+        directions = directions - directions.mean(dim=1, keepdim=True)
+    if norm_weight is not None:
+        directions = directions * norm_weight.float()
+    W_U = unembedding.float().to(directions.device)  # [V, d]
+    top = min(top, W_U.shape[0])
+    parts: list[list[Tensor]] = [[], [], [], []]
+    for start in range(0, len(directions), chunk):
+        effects = directions[start:start + chunk] @ W_U.T
+        high, low = effects.topk(top, dim=1), effects.topk(top, dim=1, largest=False)
+        for part, t in zip(parts, (high.values, high.indices, low.values, low.indices), strict=True):
+            part.append(t)
+    return tuple(torch.cat(p) for p in parts)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def nearest_latents(W_dec: Tensor, count: int = 10, chunk: int = 4096, exact_up_to: int = EXACT_NEIGHBOURS_LATENTS,
+                    seed: int = 0) -> tuple[Tensor, Tensor, str]:
+    """(cosines [M, count], indices [M, count], method): each latent's nearest others by decoder cosine."""
+    unit = W_dec.float() / W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-8)
+    m = len(unit)
+    if m <= exact_up_to:
+        pool, method = torch.arange(m, device=unit.device), f"exact over all {m} latents"
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        pool = torch.randperm(m, generator=generator)[:exact_up_to].sort().values.to(unit.device)
+        method = (f"sampled: nearest among a uniform sample of {exact_up_to} of the {m} latents "
+                  f"(torch.randperm, seed {seed}); exact only for pairs inside the sample")
+    count = min(count, len(pool) - 1) if len(pool) > 1 else 0
+    candidates = unit[pool]
+    cosines, indices = [], []
+    for start in range(0, m, chunk):
+        sims = unit[start:start + chunk] @ candidates.T
+        rows = torch.arange(start, min(start + chunk, m), device=unit.device)
+        sims[pool[None, :] == rows[:, None]] = float("-inf")  # never a latent's own neighbour
+        best = sims.topk(count, dim=1)
+        cosines.append(best.values)
+        indices.append(pool[best.indices])
+    return torch.cat(cosines), torch.cat(indices), method
