@@ -44,7 +44,7 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 def _windows(tokenizer, count: int) -> torch.Tensor:
     from services.data import embedded_documents
-    from services.producer import TokenWindows
+    from services.windows import TokenWindows
 
     windows = TokenWindows(tokenizer, embedded_documents()[:400], CONTEXT)
     return torch.from_numpy(np.stack([w for _, w in zip(range(count), windows, strict=False)]))
@@ -88,7 +88,7 @@ def forward_throughput(layer: int, batches: int) -> dict:
 
 
 def producer_scaling(layer: int, batches: int) -> dict:
-    from services.producer import ActivationProducer
+    from services.model_producer import ActivationProducer
 
     spec = JobSpec(hook=HookSpec(layer=layer), data={"context_length": CONTEXT},
                    training={"batch_tokens": BATCH_TOKENS, "tokens": BATCH_TOKENS * 10})

@@ -5,13 +5,10 @@ dies does not take queued batches with it), asking each producer for the rows fr
 stream, two calls in flight. A producer that dies is restarted by Ray and the call retried; the restarted
 producer seeks to the offset, so no row is lost or repeated.
 
-Rows are mixed before hand-out: a reservoir holds the rows of the last `mix_batches` batches; each new batch
-takes the place of `batch_rows` rows drawn at random from the reservoir, and those rows leave as the next
-batch. A trainer therefore never sees one document's tokens in a row, and every row is handed out exactly once
-(at the end of a finite stream the reservoir is flushed). Mixed batches are `ray.put` by the buffer (so it owns
-them) into a bounded queue of ready batches: when it is full the producers are not asked for more
-(back-pressure). Consumers get [ObjectRef] of {key: array} and read the arrays zero-copy from the node's object
-store.
+Rows are mixed before hand-out (services/mixing.py), and every row is handed out exactly once. Mixed batches
+are `ray.put` by the buffer (so it owns them) into a bounded queue of ready batches: when it is full the
+producers are not asked for more (back-pressure). Consumers get [ObjectRef] of {key: array} and read the
+arrays zero-copy from the node's object store.
 
 Batches are numbered in the order they leave the queue. Trainers ask for batch number `step · replicas +
 replica` (`batch`), so the latent shards of one replica share a batch and the stream a job sees does not depend
@@ -20,45 +17,27 @@ batch `index` — the rows not yet handed out (ready batches and the reservoir),
 producer's offset — and `restore` puts the buffer back there, on a restarted worker group or a new job.
 
 With a cache configured the buffer also writes every batch it hands out to an activation cache
-(storage/cache.py), and completes the cache when `total_tokens` have been handed out (or on close_cache()).
+(services/cache_sink.py), and completes the cache when `total_tokens` have been handed out (or on close_cache()).
+Its live figures are `stats()`; services/buffer_stats.py logs them while a job runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 import ray
 
-RATE_WINDOW_S = 30.0
+from services.buffer_stats import Rate
+from services.cache_sink import CacheSink
+from services.mixing import Mixer
+
 # Taken batches kept for consumers that share them and for a snapshot behind the newest batch: the ranks of a job
 # run at most a step apart (their collectives join them), so a few steps of every replica are plenty.
 RETAINED_BATCHES = 16
-
-
-class _Rate:
-    """Tokens per second over the last RATE_WINDOW_S seconds."""
-
-    def __init__(self):
-        self.samples: collections.deque = collections.deque()
-        self.total = 0
-
-    def add(self, tokens: int) -> None:
-        self.total += tokens
-        now = time.monotonic()
-        self.samples.append((now, self.total))
-        while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW_S:
-            self.samples.popleft()
-
-    def per_s(self) -> float:
-        if len(self.samples) < 2:
-            return 0.0
-        (t0, c0), (t1, c1) = self.samples[0], self.samples[-1]
-        return (c1 - c0) / max(t1 - t0, 1e-9)
 
 
 class ActivationBuffer:
@@ -72,36 +51,24 @@ class ActivationBuffer:
         self._stream_over = False  # a finite stream ended and was flushed into `ready`
         self._changed = asyncio.Condition()
         self.capacity = capacity
-        self.mix_batches = mix_batches
-        self.batch_rows = batch_rows
+        self.mixer = Mixer(mix_batches, batch_rows, seed)
         self.total_tokens = total_tokens
         self.in_flight = in_flight
         self.error: BaseException | None = None
         self.started = time.monotonic()
-        self.produced = _Rate()
-        self.consumed = _Rate()
+        self.produced = Rate()
+        self.consumed = Rate()
         self.batches_out = 0
         self.producer_meta: dict[int, dict] = {}
         self.offsets = [0] * len(producers)  # rows received from each producer
         self.retries = 0
         self.mix_seconds = 0.0
         self.batches_mixed = 0
-        self._rng = np.random.default_rng([seed, 7])
-        self._reservoir: dict[str, np.ndarray] | None = None
-        self._fill = 0
-        self._leftovers: list[dict[str, np.ndarray]] = []
         self._done: set[int] = set()
         self._ended = False
         self._lock = asyncio.Lock()
         self._pullers: list[asyncio.Task] = []
-        # activation cache
-        self._cache = cache
-        self._held_out = held_out
-        self._cache_queue: asyncio.Queue | None = None
-        self._cache_task: asyncio.Task | None = None
-        self._cache_writer = None
-        self._cache_manifest: dict | None = None
-        self._cache_closing: asyncio.Task | None = None
+        self._cache = CacheSink(cache, held_out) if cache is not None else None
         self._cached_batches = 0  # batches written to the cache: a replay after restore() skips them
 
     # -- pulling -------------------------------------------------------------------------------------------------
@@ -109,7 +76,7 @@ class ActivationBuffer:
     async def _pull(self, index: int) -> None:
         producer = self.producers[index]
         pending: collections.deque = collections.deque()
-        step = self.batch_rows or 0
+        step = self.mixer.batch_rows or 0
         failures = 0
 
         def submit(offset: int) -> None:
@@ -138,7 +105,7 @@ class ActivationBuffer:
                 pending.popleft()
                 failures = 0
                 if not step:  # first batch: learn the batch size, then keep `in_flight` calls going
-                    step = self.batch_rows = self.batch_rows or meta["tokens"]
+                    step = self.mixer.batch_rows = self.mixer.batch_rows or meta["tokens"]
                 self.producer_meta[index] = meta
                 if meta["tokens"]:
                     self.produced.add(meta["tokens"])
@@ -184,45 +151,11 @@ class ActivationBuffer:
 
     def _mix_and_put(self, batch: dict[str, np.ndarray] | None, flush: bool) -> list[tuple]:
         started = time.perf_counter()
-        out = self._flush() if flush else self._mix(batch)
+        out = self.mixer.flush() if flush else self.mixer.mix(batch)
         refs = [(ray.put(b), len(next(iter(b.values())))) for b in out]
         self.mix_seconds += time.perf_counter() - started
         self.batches_mixed += len(out)
         return refs
-
-    def _mix(self, batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Swap the new batch into the reservoir; the rows it replaces are the batch handed out."""
-        n = len(next(iter(batch.values())))
-        if n != self.batch_rows:  # the short last batch of a finite stream: handed out with the flush
-            self._leftovers.append({k: np.array(v) for k, v in batch.items()})
-            return []
-        size = self.mix_batches * n
-        if self._reservoir is None:
-            self._reservoir = {k: np.empty((size, *v.shape[1:]), dtype=v.dtype) for k, v in batch.items()}
-        if self._fill < size:
-            for k, v in batch.items():
-                self._reservoir[k][self._fill:self._fill + n] = v
-            self._fill += n
-            return []
-        slots = np.sort(self._rng.choice(size, n, replace=False))
-        out = {}
-        for k, v in batch.items():
-            out[k] = self._reservoir[k][slots]
-            self._reservoir[k][slots] = v
-        return [out]
-
-    def _flush(self) -> list[dict[str, np.ndarray]]:
-        parts = list(self._leftovers)
-        if self._reservoir is not None and self._fill:
-            parts.append({k: v[:self._fill] for k, v in self._reservoir.items()})
-        self._reservoir, self._fill, self._leftovers = None, 0, []
-        if not parts:
-            return []
-        joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        rows = len(next(iter(joined.values())))
-        order = self._rng.permutation(rows)
-        step = self.batch_rows or rows
-        return [{k: v[order[i:i + step]] for k, v in joined.items()} for i in range(0, rows, step)]
 
     def _start(self) -> None:
         if not self._pullers:
@@ -252,9 +185,9 @@ class ActivationBuffer:
         self.consumed.add(rows)
         self.batches_out = self._next_index
         await self._notify()  # room for the pullers
-        if self._cache is not None and self._cache_closing is None and index >= self._cached_batches:
+        if self._cache is not None and self._cache.closing is None and index >= self._cached_batches:
             self._cached_batches = index + 1
-            self._write_to_cache(ref)
+            self._cache.write(ref)
             if self.total_tokens is not None and self.consumed.total >= self.total_tokens:
                 await self.close_cache()  # the last batch waits until the cache is complete
         return index
@@ -277,10 +210,6 @@ class ActivationBuffer:
                                f"is at batch {self._next_index}")
         return [self._taken[index]]
 
-    async def start(self) -> None:
-        """Start pulling now (otherwise the first next() does)."""
-        self._start()
-
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     async def snapshot(self, index: int) -> dict:
@@ -291,12 +220,7 @@ class ActivationBuffer:
                 raise RuntimeError(f"cannot snapshot the stream at batch {index}: the buffer holds batches "
                                    f"{min(self._taken, default=self._next_index)}..{self._next_index - 1}")
             refs = [self._taken[i] for i in range(index, self._next_index)] + [ref for ref, _ in self.ready]
-            state = {"reservoir": None if self._reservoir is None else
-                     {k: np.array(v[:self._fill]) for k, v in self._reservoir.items()},
-                     "reservoir_rows": 0 if self._reservoir is None else len(next(iter(self._reservoir.values()))),
-                     "leftovers": [{k: np.array(v) for k, v in b.items()} for b in self._leftovers],
-                     "rng": self._rng.bit_generator.state, "offsets": list(self.offsets),
-                     "batch_rows": self.batch_rows, "stream_over": self._stream_over}
+            state = {**self.mixer.state(), "offsets": list(self.offsets), "stream_over": self._stream_over}
         state["pending"] = [await ref for ref in refs]
         return state
 
@@ -314,18 +238,8 @@ class ActivationBuffer:
             self._cached_batches = max(self._cached_batches, index)
             for batch in state["pending"]:
                 self.ready.append((ray.put(batch), len(next(iter(batch.values())))))
-            self._reservoir, self._fill = None, 0
-            if state["reservoir"] is not None:
-                saved = state["reservoir"]
-                self._fill = len(next(iter(saved.values())))
-                self._reservoir = {k: np.empty((state["reservoir_rows"], *v.shape[1:]), dtype=v.dtype)
-                                   for k, v in saved.items()}
-                for k, v in saved.items():
-                    self._reservoir[k][:self._fill] = v
-            self._leftovers = list(state["leftovers"])
-            self._rng.bit_generator.state = state["rng"]
+            self.mixer.load(state)
             self.offsets = list(state["offsets"])
-            self.batch_rows = state["batch_rows"] or self.batch_rows
             self._stream_over, self._ended, self._done, self.error = state["stream_over"], False, set(), None
             if not self._stream_over:
                 self._start()
@@ -333,56 +247,9 @@ class ActivationBuffer:
 
     # -- the activation cache ------------------------------------------------------------------------------------
 
-    def _write_to_cache(self, ref) -> None:
-        if self._cache_queue is None:
-            self._cache_queue = asyncio.Queue()
-            self._cache_task = asyncio.get_running_loop().create_task(self._cache_loop())
-        self._cache_queue.put_nowait(ref)
-
-    async def _writer(self, first: dict[str, np.ndarray]):
-        from storage.cache import CacheWriter
-
-        if self._cache_writer is None:
-            info = await self._cache["info"][0] if self._cache.get("info") else {}
-            manifest = {**self._cache.get("manifest", {})}
-            for key in ("model", "num_layers", "corpus_fingerprint"):
-                manifest.setdefault(key, info.get(key))
-            manifest.setdefault("d", info.get("d_model"))
-            hooks = [h["name"] for h in manifest["hooks"]]
-            manifest["extra_keys"] = [k for k in first if k not in hooks]
-            self._cache_writer = CacheWriter(self._cache["uri"], manifest, hooks, self._cache["shard_tokens"],
-                                             dtype=self._cache.get("dtype", "float32"))
-        return self._cache_writer
-
-    async def _cache_loop(self) -> None:
-        while True:
-            ref = await self._cache_queue.get()
-            if ref is None:
-                return
-            batch = await ref
-            writer = await self._writer(batch)
-            await asyncio.to_thread(writer.add, batch)
-
     async def close_cache(self) -> dict | None:
         """Write what is left, the held-out set and the complete manifest; returns the manifest."""
-        if self._cache is None:
-            return None
-        if self._cache_closing is None:
-            self._cache_closing = asyncio.get_running_loop().create_task(self._close_cache())
-        return await asyncio.shield(self._cache_closing)
-
-    async def _close_cache(self) -> dict | None:
-        if self._cache_queue is not None:
-            self._cache_queue.put_nowait(None)
-            await self._cache_task
-        if self._cache_writer is None:
-            return None
-        if self._held_out:
-            held = await self._held_out[0]
-            if held:
-                await asyncio.to_thread(self._cache_writer.add_held_out, held)
-        self._cache_manifest = await asyncio.to_thread(self._cache_writer.close)
-        return self._cache_manifest
+        return None if self._cache is None else await self._cache.close()
 
     async def producer_state(self) -> dict:
         """Per producer: rows received (its offset) and its latest metadata."""
@@ -393,10 +260,9 @@ class ActivationBuffer:
     async def stats(self) -> dict:
         """Live figures, all numbers (the runner logs them as MLflow metrics)."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        size = self.mix_batches * (self.batch_rows or 0)
         return {"pool_batches": len(self.ready), "pool_capacity": self.capacity,
                 "pool_fill": len(self.ready) / self.capacity,
-                "mix_rows": self._fill, "mix_fill": self._fill / size if size else 0.0,
+                "mix_rows": self.mixer.fill, "mix_fill": self.mixer.fraction_full(),
                 "produced_tokens": self.produced.total, "consumed_tokens": self.consumed.total,
                 "produced_tokens_per_s": self.produced.per_s(), "consumed_tokens_per_s": self.consumed.per_s(),
                 "produced_tokens_per_s_mean": self.produced.total / elapsed,
@@ -404,27 +270,8 @@ class ActivationBuffer:
                 "batches_out": self.batches_out, "producer_retries": self.retries,
                 "producer_seeks": sum(m.get("seeks", 0) for m in self.producer_meta.values()),
                 "mix_ms_per_batch": 1000 * self.mix_seconds / max(self.batches_mixed, 1),
-                "cache_tokens_written": (self._cache_writer.manifest["tokens"] if self._cache_writer else 0),
+                "cache_tokens_written": self._cache.tokens_written() if self._cache else 0,
                 "epochs": max((m["epoch"] for m in self.producer_meta.values()), default=0)}
-
-
-def log_stats_periodically(buffer, log: Callable[[dict, int], None], every_s: float = 10.0,
-                           stop: threading.Event | None = None) -> threading.Thread:
-    """A daemon thread that logs the buffer's stats (as buffer_<name>, step = batches handed out) until the
-    buffer is gone or `stop` is set; it never raises into the job."""
-    stop = stop or threading.Event()
-
-    def loop() -> None:
-        while not stop.wait(every_s):
-            try:
-                stats = ray.get(buffer.stats.remote(), timeout=every_s)
-                log({f"buffer_{k}": v for k, v in stats.items()}, int(stats["batches_out"]))
-            except Exception:  # noqa: BLE001 - the buffer ended with the job, or tracking is busy: stop quietly
-                return
-
-    thread = threading.Thread(target=loop, name="buffer-stats", daemon=True)
-    thread.start()
-    return thread
 
 
 def start_buffer(spec, producers: list, held_out=None, job_id: str | None = None, with_cache: bool = True):

@@ -15,7 +15,7 @@ from torch import Tensor
 from api.jobspec import JobSpec
 from services.data import load_documents, split_documents
 from services.models import load_language_model, splice
-from services.producer import TokenWindows
+from services.windows import TokenWindows
 from trainers.metrics import splice_metrics
 from trainers.sae import SAEConfig, SparseAutoencoder
 

@@ -22,7 +22,9 @@ import ray
 import yaml
 
 from api.jobspec import JobSpec
-from services.buffer import log_stats_periodically, start_buffer
+from api.paths import checked_spec
+from services.buffer import start_buffer
+from services.buffer_stats import log_stats_periodically
 from services.evaluation import SpliceEvaluator
 from services.monitor import JobMonitor
 from services.producer import start_producers
@@ -52,6 +54,7 @@ class Progress:
     tokens_total: int
     tokens_per_s: float
     latest: dict[str, dict[str, float]]  # per dictionary, its latest metrics
+    phase: str = "training"  # then "analysis" (services/analysis.py), when the job analyses its dictionaries
 
 
 def service_home() -> Path:
@@ -134,7 +137,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, quiet: bool = False,
     what the service does when it resubmits a job). stop_at_step: checkpoint at that step and stop.
     """
     started = time.perf_counter()
-    spec = absolute_paths(spec)
+    spec = absolute_paths(checked_spec(spec))  # the service's path policy again, before storage is touched
     home = service_home()
     job_id = job_id or new_job_id(spec.name)
     output_uri = spec.output.uri or str(home / job_id)
@@ -167,6 +170,14 @@ def run_job(spec: JobSpec, job_id: str | None = None, quiet: bool = False,
     actors: list = []
     try:
         result, stopped = _run(spec, job_id, output_uri, tracking, actors, on_progress, stop_at_step)
+        if not stopped and spec.analysis.enabled:
+            from services.analysis import analyze_with_tracking
+
+            for actor in actors:  # the analysis loads the model itself: free the producers' memory first
+                ray.kill(actor)
+            actors.clear()
+            analyze_with_tracking(spec, output_uri, tracking, result, None if on_progress is None else (
+                lambda done, total: on_progress(Progress(done, total, 0.0, {}, phase="analysis"))))
         tracking.end("KILLED" if stopped else "FINISHED")
     except BaseException:
         tracking.end("FAILED")

@@ -7,7 +7,7 @@ import torch
 from mlflow import MlflowClient
 
 from api.jobspec import load_job_spec
-from services.producer import ActivationProducer
+from services.model_producer import ActivationProducer
 from services.runner import run_job
 
 pytestmark = pytest.mark.slow

@@ -9,13 +9,10 @@ import ray
 
 from api.jobspec import JobSpec
 from services.buffer import ActivationBuffer
-from services.producer import (
-    PRODUCER_MAX_RESTARTS,
-    ROW_IDS,
-    TOKEN_IDS,
-    ActivationProducer,
-    CacheProducer,
-)
+from services.cache_producer import CacheProducer
+from services.model_producer import ActivationProducer
+from services.producer import PRODUCER_MAX_RESTARTS
+from services.rows import ROW_IDS, TOKEN_IDS
 
 pytestmark = pytest.mark.slow
 

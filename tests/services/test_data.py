@@ -8,7 +8,7 @@ from transformers import ByT5Tokenizer
 
 from api.jobspec import DataSpec
 from services.data import embedded_documents, load_documents, producer_slice, split_documents
-from services.producer import TokenWindows
+from services.windows import TokenWindows
 
 
 def test_embedded_corpus_is_real_prose():

@@ -6,14 +6,11 @@ import numpy as np
 import pytest
 
 from api.jobspec import JobSpec
-from services.producer import (
-    ALLOW_REMOTE_CODE_ENV,
-    ROW_IDS,
-    TOKEN_IDS,
-    ActivationProducer,
-    CacheProducer,
-    TokenWindows,
-)
+from services.cache_producer import CacheProducer
+from services.model_producer import ActivationProducer
+from services.remote_code import ALLOW_REMOTE_CODE_ENV
+from services.rows import ROW_IDS, TOKEN_IDS
+from services.windows import TokenWindows
 from storage.cache import CacheWriter
 
 RESID, ATTN = "blocks.1.hook_resid_post", "blocks.0.hook_attn_out"

@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from api.jobspec import JobSpec
-from services.producer import open_cache_for
+from services.cache_producer import open_cache_for
 from services.runner import run_job
 from storage.cache import ActivationCache
 
