@@ -4,12 +4,18 @@ Why DeepSpeed: it owns the optimizer step, the ZeRO partitioning of Adam's state
 replicas (stage 1/2: each replica keeps 1/R of the moments), bf16 with fp32 master weights on GPU, and
 checkpoints that hold every rank's optimizer shard. The decoder is row-normalised inside the model's forward
 (see trainers/sae.py), so nothing has to reach into DeepSpeed's master copy after a step.
+
+The client optimizer is either torch's dense Adam or, for TopK/BatchTopK dictionaries with row-sparse
+gradients, the touched-row lazy Adam of trainers/optim.py: DeepSpeed still runs it, its LR schedule and the
+exchange between data-parallel replicas (an all-gather of touched rows), and our checkpoints read its state.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from trainers.optim import RowSparseAdam
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 6.25e-10  # Gao et al.'s value for TopK SAEs
@@ -61,17 +67,32 @@ def lr_lambda(total_steps: int, warmup_steps: int, decay_fraction: float = 0.2):
 
 def build_engine(model: nn.Module, lr: float, total_steps: int, warmup_steps: int, zero_stage: int, bf16: bool,
                  mpu=None, gradient_accumulation_steps: int = 1, offload_optimizer: bool = False):
-    """deepspeed.initialize with torch's Adam and our schedule; returns the engine. `total_steps` and
+    """deepspeed.initialize with our client optimizer and schedule; returns the engine. `total_steps` and
     `warmup_steps` count optimizer steps (micro-steps / gradient_accumulation_steps).
 
-    `mpu` (a trainers.parallel.ShardMesh) tells DeepSpeed which ranks are data-parallel replicas of the same
-    parameters: it reduces gradients and partitions ZeRO state over those only, never across latent shards.
+    The optimizer follows the model: a dictionary built with `cfg.sparse_grads` (row-sparse W_enc/W_dec
+    gradients; the job decides with JobSpec.lazy_adam) gets RowSparseAdam, whose step costs O(touched rows × d);
+    otherwise torch's Adam over dense gradients. `mpu` (a trainers.parallel.ShardMesh) tells DeepSpeed which ranks are
+    data-parallel replicas of the same parameters: it reduces gradients and partitions ZeRO state over those
+    only, never across latent shards. With row-sparse gradients DeepSpeed's exchange between replicas is an
+    all-gather of each replica's touched rows and their indices (engine.sparse_allreduce), summed by the
+    optimizer's coalesce.
     """
     import deepspeed
 
-    # fused: torch's single-tensor Adam builds its denominator out of place, two temporaries the size of the
-    # largest parameter (2 x 2.25 GiB per rank at 1M latents on 2 shards); the fused kernel has none.
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
+    replicas = mpu.get_data_parallel_world_size() if mpu is not None else 1
+    sparse = bool(getattr(getattr(model, "cfg", None), "sparse_grads", False))
+    if sparse:
+        if bf16 or offload_optimizer or (zero_stage > 0 and replicas > 1):
+            raise ValueError("row-sparse gradients (cfg.sparse_grads) need fp32, no offload, and ZeRO stage 0 "
+                             f"with {replicas} replicas; got bf16={bf16}, offload_optimizer={offload_optimizer}, "
+                             f"zero_stage={zero_stage}")
+        zero_stage = 0  # one replica: ZeRO partitions nothing, and its flat buffers would make gradients dense
+        optimizer = RowSparseAdam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    else:
+        # fused: torch's single-tensor Adam builds its denominator out of place, two temporaries the size of the
+        # largest parameter (2 x 2.25 GiB per rank at 1M latents on 2 shards); the fused kernel has none.
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
     # A callable: DeepSpeed builds the schedule on the optimizer it wraps (ZeRO's), not on the bare one.
     schedule = lr_lambda(total_steps, warmup_steps)
     engine, _, _, _ = deepspeed.initialize(
@@ -80,7 +101,7 @@ def build_engine(model: nn.Module, lr: float, total_steps: int, warmup_steps: in
             pin_memory=next(model.parameters()).device.type == "cuda"),
         mpu=mpu,
         lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule))
-    if zero_stage == 0 and (mpu is None or mpu.get_data_parallel_world_size() == 1):
+    if zero_stage == 0 and replicas == 1:
         # One replica: nothing to average, but DeepSpeed would still flatten every gradient into its all-reduce
         # buckets (a copy of both [M/S, d] matrices). b_dec's sum over shards is the model's own hook. (ZeRO-1/2
         # move gradients into their partitions on that same path, so they keep it.)

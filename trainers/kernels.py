@@ -12,10 +12,11 @@ Everything else here touches the k selected rows per token:
   row norms are computed for the touched rows only, and the backward removes each touched row's parallel
   gradient component (d(w/‖w‖)/dw = (I − ŵŵᵀ)/‖w‖) on those rows only.
 
-Both Functions return the weight gradients either dense-shaped (what DeepSpeed and torch.optim.Adam expect)
-or as sparse COO tensors holding only the touched rows (`sparse_grads=True`, for `torch.optim.SparseAdam`:
-at a million latents a dense gradient is 2.4 GB per matrix, which is the difference between fitting in
-24 GiB or not — see the README's trainer section).
+Both Functions return the weight gradients either dense-shaped (torch.optim.Adam, for exact dense Adam and
+ZeRO-1/2, which flatten gradients) or as sparse COO tensors holding only the touched rows (`sparse_grads=True`,
+for the touched-row lazy Adam of trainers/optim.py that the job's DeepSpeed engine runs by default): no
+[M, d] zero-fill per step, and at a million latents a dense gradient is 2.4 GB per matrix, the difference
+between fitting in 24 GiB or not — see the README's trainer section.
 """
 
 from __future__ import annotations

@@ -39,3 +39,18 @@ def test_untouched_rows_keep_weights_and_moments():
     assert torch.equal(lazy.state[param]["exp_avg"][untouched], moment[untouched])
     assert not torch.equal(param.detach()[touched], before[touched])
     assert lazy.state[param]["step"] == 2  # bias correction counts every step, touched or not
+
+
+def test_dense_gradients_get_plain_adam():
+    """The biases have dense gradients: one RowSparseAdam steps the whole dictionary, as DeepSpeed's client."""
+    generator = torch.Generator().manual_seed(2)
+    start = torch.randn(30, generator=generator, dtype=torch.float64)
+    dense, ours = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    adam, lazy = torch.optim.Adam([dense], lr=1e-2, eps=1e-8), RowSparseAdam([ours], lr=1e-2, eps=1e-8)
+    for _ in range(4):
+        grad = torch.randn(30, generator=generator, dtype=torch.float64)
+        dense.grad, ours.grad = grad.clone(), grad.clone()
+        adam.step()
+        lazy.step()
+    torch.testing.assert_close(ours.detach(), dense.detach())
+    assert float(lazy.state[ours]["step"]) == 4
