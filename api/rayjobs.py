@@ -130,17 +130,60 @@ def local_ray_state(home: Path) -> Path:
     return home / "ray" / "ray.json"
 
 
+def _read_state(state: Path) -> dict | None:
+    try:
+        return json.loads(state.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_state(state: Path, data: dict) -> None:
+    """Atomically: a reader never sees half a file, whenever this process is stopped."""
+    partial = state.with_suffix(".json.partial")
+    partial.write_text(json.dumps(data))
+    os.replace(partial, state)
+
+
+def _is_ray_start(pid: int) -> bool:
+    """The pid is (still) a `ray start --block`, not a recycled pid of something else."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"start" in cmdline and b"--block" in cmdline
+
+
+def _wait_answering(address: str, process: subprocess.Popen | None, pid: int, state: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not reachable(address, timeout=1.0):
+        exited = process.poll() is not None if process is not None else not _is_ray_start(pid)
+        if exited:
+            state.unlink(missing_ok=True)
+            raise RayUnavailable(f"the local Ray did not start; see {state.parent / 'ray-start.log'}")
+        if time.monotonic() > deadline:
+            stop_local_ray(state.parent.parent)
+            raise RayUnavailable(f"the local Ray did not answer within {timeout:.0f} s (stopped it); see "
+                                 f"{state.parent / 'ray-start.log'}")
+        time.sleep(0.5)
+
+
 def start_local_ray(home: Path, num_cpus: int, timeout: float = 180.0) -> str:
     """The job-submission address of this home's local Ray, started when none answers.
 
     All ports are picked free on loopback (other Ray clusters may share the machine); the temp dir is short
-    (Ray's socket paths have a length limit) and private to this home.
+    (Ray's socket paths have a length limit) and private to this home. The state file ($home/ray/ray.json:
+    address, pid, temp dir) is written the moment the process is spawned, before it answers, so that
+    `stop_local_ray` finds it whenever the caller was stopped; a second caller finds a Ray that is still
+    starting and waits for it instead of starting another.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private loopback cluster needs no token
     state = local_ray_state(home)
-    if state.is_file():
-        known = json.loads(state.read_text())
+    known = _read_state(state)
+    if known is not None:
         if reachable(known["address"]):
+            return known["address"]
+        if _is_ray_start(known["pid"]):  # spawned, not answering yet (or hung: stopped after the timeout)
+            _wait_answering(known["address"], None, known["pid"], state, timeout)
             return known["address"]
     state.parent.mkdir(parents=True, exist_ok=True)
     temp_dir = Path("/tmp") / f"saeforge-ray-{sha1(str(home).encode()).hexdigest()[:10]}"
@@ -159,47 +202,82 @@ def start_local_ray(home: Path, num_cpus: int, timeout: float = 180.0) -> str:
                "--include-log-monitor=false", *(f"{flag}={port}" for flag, port in ports.items())]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-    log = open(state.parent / "ray-start.log", "ab")  # noqa: SIM115 - the child keeps it
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                               start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + timeout
-    while not reachable(address, timeout=1.0):
-        if process.poll() is not None:
-            raise RayUnavailable(f"the local Ray did not start (exit {process.returncode}); see "
-                                 f"{state.parent / 'ray-start.log'}")
-        if time.monotonic() > deadline:
-            raise RayUnavailable(f"the local Ray did not answer within {timeout:.0f} s; see "
-                                 f"{state.parent / 'ray-start.log'}")
-        time.sleep(0.5)
-    state.write_text(json.dumps({"address": address, "pid": process.pid, "temp_dir": str(temp_dir)}))
+    with open(state.parent / "ray-start.log", "ab") as log:  # the child has its own copy of the descriptor
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=env, start_new_session=True)
+    _write_state(state, {"address": address, "pid": process.pid, "temp_dir": str(temp_dir)})
+    _wait_answering(address, process, process.pid, state, timeout)
     return address
 
 
-def stop_local_ray(home: Path, timeout: float = 60.0) -> bool:
-    """Stop the local Ray this home started (SIGTERM to its `ray start --block`, which stops its processes)."""
-    state = local_ray_state(home)
-    if not state.is_file():
-        return False
-    pid = json.loads(state.read_text())["pid"]
+def _group_alive(pgid: int) -> bool:
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        cmdline = []
-    if b"start" not in cmdline or b"--block" not in cmdline:  # gone, or the pid now belongs to someone else
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_local_ray(home: Path, timeout: float = 60.0) -> bool:
+    """Stop the local Ray this home started: SIGTERM to its `ray start --block` (which stops the processes it
+    started), then to what is left of its process group (it runs in a session of its own, so its group holds
+    exactly Ray's processes: a `ray start` stopped before it could clean up leaves none behind), SIGKILL after
+    the timeout."""
+    state = local_ray_state(home)
+    known = _read_state(state)
+    if known is None:
         state.unlink(missing_ok=True)
         return False
-    os.kill(pid, signal.SIGTERM)
+    pid = int(known["pid"])
+    if not _is_ray_start(pid) and not _group_alive(pid):  # gone (its pid may now be someone else's)
+        state.unlink(missing_ok=True)
+        return False
+    if _is_ray_start(pid):
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
+    signalled_group = False
     while time.monotonic() < deadline:
         try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child: reap it
-                break
+            os.waitpid(pid, os.WNOHANG)  # our own child: reap it
         except ChildProcessError:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            pass
+        if not _is_ray_start(pid):
+            if not _group_alive(pid):
                 break
+            if not signalled_group:
+                os.killpg(pid, signal.SIGTERM)
+                signalled_group = True
         time.sleep(0.2)
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     state.unlink(missing_ok=True)
     return True
+
+
+def cluster_capacity(address: str, timeout: float = 10.0) -> dict[str, float] | None:
+    """What the Ray cluster offers, from its dashboard: {"cpus", "gpus", "node_memory" (bytes, the largest
+    node), "memory" (bytes, all nodes)}; None when it cannot be read."""
+    try:
+        with urllib.request.urlopen(f"{address.rstrip('/')}/nodes?view=summary", timeout=timeout) as response:
+            data = json.loads(response.read())
+    except Exception:  # noqa: BLE001 - the capacity check is skipped then, and says so
+        return None
+    cpus = gpus = memory = node_memory = 0.0
+    for node in data.get("data", {}).get("summary", []):
+        if node.get("raylet", {}).get("state") != "ALIVE":
+            continue
+        total = node.get("raylet", {}).get("resourcesTotal", {})
+        cpus += float(total.get("CPU", 0))
+        gpus += float(total.get("GPU", 0))
+        mem = float((node.get("mem") or [0])[0])
+        memory += mem
+        node_memory = max(node_memory, mem)
+    if not cpus:
+        return None
+    return {"cpus": cpus, "gpus": gpus, "node_memory": node_memory, "memory": memory}

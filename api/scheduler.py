@@ -22,6 +22,9 @@ from api.store import Job, JobStore
 
 log = logging.getLogger("saeforge.scheduler")
 MAX_ATTEMPTS = 3
+# A job claimed this recently that Ray does not know yet is being submitted (by this replica or another one
+# on the same store), not lost: reconciliation leaves it alone that long.
+SUBMIT_GRACE_S = 30.0
 LOG_TAIL_LINES = 40
 
 
@@ -51,6 +54,7 @@ class Scheduler:
         self._lock = threading.Lock()  # one tick at a time (the loop, and cancel from a request)
         self.reconciled = False  # the first reconciliation after start is done
         self.last_error: str | None = None
+        self.submit_grace_s = SUBMIT_GRACE_S
 
     # --- the loop -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -93,6 +97,8 @@ class Scheduler:
 
     def reconcile_job(self, job: Job) -> None:
         info = self.ray.info(job.id)
+        if info is None and time.time() - job.updated_at < self.submit_grace_s and not job.cancel_requested:
+            return
         if info is None:  # claimed but never submitted (a crash in between), or the cluster was replaced
             if job.cancel_requested:
                 self._finish(job, "cancelled", "cancelled before it started on Ray")
@@ -160,7 +166,8 @@ class Scheduler:
                 raise
 
     def _submit(self, job: Job) -> None:
-        env = {"SAEFORGE_HOME": str(self.settings.home)}
+        # The path policy travels with the job: the runner checks every place again before it touches storage.
+        env = {"SAEFORGE_HOME": str(self.settings.home), **self.settings.paths.env()}
         if "@" not in urlsplit(self.settings.mlflow_uri).netloc:
             # A URI with credentials is not copied into the Ray job (Ray shows a job's env in its dashboard):
             # the cluster's pods get MLFLOW_TRACKING_URI from their own configuration (the Helm chart sets it).

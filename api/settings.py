@@ -8,8 +8,11 @@ MLFLOW_TRACKING_URI       MLflow backend (default sqlite:///$SAEFORGE_HOME/mlflo
 SAEFORGE_OUTPUT_ROOT      where job folders go (default $SAEFORGE_HOME); a job's output.uri must lie under it
 SAEFORGE_MAX_RUNNING_JOBS jobs running at once; the rest wait queued (default 2)
 SAEFORGE_ALLOW_TRUST_REMOTE_CODE  "true" lets a JobSpec set model.trust_remote_code
-SAEFORGE_MODEL_ROOTS / SAEFORGE_DATA_ROOTS  comma-separated folders that model / data paths must lie under
-                          (unset: any local path the service can read, for a laptop)
+SAEFORGE_MODEL_ROOTS / SAEFORGE_DATA_ROOTS  comma-separated folders and s3:// prefixes that model / data
+                          places must lie under (unset: any, for a laptop); api/paths.py has the whole policy
+SAEFORGE_S3_PREFIXES      S3 prefixes jobs may use: "read:s3://corpora,write:s3://team/scratch" (bare: read)
+SAEFORGE_RANK_MEMORY_GIB  memory one trainer rank may use (default: the largest Ray node's memory)
+SAEFORGE_MAX_TOKENS       most training tokens one job may ask for (default 10^11)
 SAEFORGE_JOB_COMMAND      the command a Ray job runs (default: `saeforge`, or this Python for the local Ray)
 SAEFORGE_LOCAL_RAY_CPUS   logical CPUs of the embedded Ray (default max(cores, 3 × max running jobs))
 SAEFORGE_POLL_SECONDS     how often the scheduler reconciles with Ray (default 2)
@@ -24,6 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from api.paths import PathPolicy
+
 TRUE = {"1", "true", "yes", "on"}
 # Logical CPUs a default job holds on Ray: a producer, the splice evaluator and a trainer rank. The embedded Ray
 # offers this many per running job, so that admitted jobs never wait on each other for CPUs.
@@ -32,10 +37,6 @@ CPUS_PER_JOB = 3
 
 class SettingsError(ValueError):
     """A configuration the service cannot start with; the message names the variable."""
-
-
-def _roots(value: str | None) -> list[Path]:
-    return [Path(p.strip()).expanduser().resolve() for p in (value or "").split(",") if p.strip()]
 
 
 def parse_tokens(text: str, source: str) -> dict[str, str]:
@@ -70,12 +71,13 @@ class Settings:
     output_root: str
     max_running: int
     allow_trust_remote_code: bool
-    model_roots: list[Path]
-    data_roots: list[Path]
+    paths: PathPolicy
     job_command: str
     local_ray_cpus: int
     poll_seconds: float
     mlflow_ui_url: str | None
+    rank_memory_bytes: int | None = None  # None: ask Ray for its nodes' memory
+    max_tokens: int = 10**11
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -92,9 +94,18 @@ class Settings:
         try:
             max_running = int(env.get("SAEFORGE_MAX_RUNNING_JOBS") or 2)
             poll = float(env.get("SAEFORGE_POLL_SECONDS") or 2.0)
+            rank_gib = float(env["SAEFORGE_RANK_MEMORY_GIB"]) if env.get("SAEFORGE_RANK_MEMORY_GIB") else None
+            max_tokens = int(env.get("SAEFORGE_MAX_TOKENS") or 10**11)
         except ValueError:
-            raise SettingsError("SAEFORGE_MAX_RUNNING_JOBS must be an integer and SAEFORGE_POLL_SECONDS a number") \
-                from None
+            raise SettingsError("SAEFORGE_MAX_RUNNING_JOBS and SAEFORGE_MAX_TOKENS must be integers, "
+                                "SAEFORGE_POLL_SECONDS and SAEFORGE_RANK_MEMORY_GIB numbers") from None
+        if rank_gib is not None and not rank_gib > 0:
+            raise SettingsError("SAEFORGE_RANK_MEMORY_GIB must be a positive number of GiB")
+        output_root = env.get("SAEFORGE_OUTPUT_ROOT") or str(home)
+        try:
+            paths = PathPolicy.from_env(env, output_root=output_root)
+        except ValueError as error:
+            raise SettingsError(str(error)) from None
         if max_running < 1:
             raise SettingsError("SAEFORGE_MAX_RUNNING_JOBS must be at least 1")
         ray_address = env.get("SAEFORGE_RAY_ADDRESS") or None
@@ -107,13 +118,14 @@ class Settings:
             ray_address=ray_address,
             tokens=tokens,
             mlflow_uri=mlflow_uri,
-            output_root=env.get("SAEFORGE_OUTPUT_ROOT") or str(home),
+            output_root=paths.output_root,
             max_running=max_running,
             allow_trust_remote_code=(env.get("SAEFORGE_ALLOW_TRUST_REMOTE_CODE") or "").strip().lower() in TRUE,
-            model_roots=_roots(env.get("SAEFORGE_MODEL_ROOTS")),
-            data_roots=_roots(env.get("SAEFORGE_DATA_ROOTS")),
+            paths=paths,
             job_command=env.get("SAEFORGE_JOB_COMMAND") or default_command,
             local_ray_cpus=cpus,
             poll_seconds=poll,
             mlflow_ui_url=env.get("SAEFORGE_MLFLOW_UI_URL") or (mlflow_uri if mlflow_uri.startswith("http") else None),
+            rank_memory_bytes=int(rank_gib * 2**30) if rank_gib else None,
+            max_tokens=max_tokens,
         )

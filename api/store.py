@@ -1,9 +1,16 @@
-"""The durable job store: one row per job, the source of truth for its state (SQLite by default, any
-SQLAlchemy URL such as PostgreSQL in clusters).
+"""The durable job store: one row per job, the source of truth for its state (SQLite by default, PostgreSQL
+for a cluster: `postgresql+psycopg://user:password@host/db`).
 
 States: queued → running → succeeded | failed | cancelled. Every transition is one conditional UPDATE
 (``WHERE state IN (...)``) committed before anyone acts on it, so a process killed at any point leaves each
 job in a state the scheduler can reconcile with Ray when the service starts again.
+
+The running-jobs limit holds across API replicas on PostgreSQL: a claim (count the running jobs, move the
+oldest queued one to running) runs in one transaction that first takes a transaction-scoped advisory lock
+(`pg_advisory_xact_lock`), so claims of all replicas are serialized and each one counts the claims committed
+before it; the lock goes with the transaction's commit or rollback, also when a replica dies mid-claim. A row
+lock would not do: the claim must count rows, including ones another claim is just moving to running. SQLite
+serves one replica (a thread lock orders its claims).
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine, make_url
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+CLAIM_LOCK_KEY = 0x5AEF0E6E  # the advisory lock of claims (any constant the database's other users do not take)
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 metadata = MetaData()
@@ -180,6 +189,8 @@ class JobStore:
     def claim_next(self, max_running: int) -> Job | None:
         """The oldest queued job, moved to running, if fewer than max_running run now; None otherwise."""
         with self._claim_lock, self.engine.begin() as connection:
+            if self.engine.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=CLAIM_LOCK_KEY))
             running = connection.execute(
                 select(func.count()).select_from(jobs).where(jobs.c.state == "running")).scalar_one()
             if running >= max_running:
@@ -195,6 +206,13 @@ class JobStore:
             if done.rowcount != 1:
                 return None
         return self.get(row.id)
+
+    def output_uris(self, exclude_owner: str) -> list[str]:
+        """The output folders of every other owner's jobs (owner isolation of places)."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(jobs.c.output_uri).where(jobs.c.owner != exclude_owner,
+                                                                      jobs.c.output_uri.is_not(None))).all()
+        return [r.output_uri for r in rows]
 
     def request_cancel(self, job_id: str) -> None:
         with self.engine.begin() as connection:

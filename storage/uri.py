@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import fsspec
 from fsspec.core import url_to_fs
+
+SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -15,8 +19,14 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def scheme(uri: str) -> str | None:
+    """The URI's scheme as written ('s3', 'file', ...); None for a plain local path."""
+    match = SCHEME.match(uri)
+    return match.group(1) if match else None
+
+
 def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
+    return scheme(uri) in (None, "file")
 
 
 def local_path(uri: str) -> str:

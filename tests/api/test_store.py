@@ -145,6 +145,9 @@ def test_ray_down_leaves_jobs_queued_and_a_lost_job_is_resubmitted(scheduler, st
     scheduler.tick()
     assert store.get("a").state == "running"
     scheduler.ray.jobs.clear()  # a new Ray cluster that never heard of it
+    scheduler.tick()  # just claimed: perhaps another replica is submitting it right now
+    assert store.get("a").attempts == 1 and scheduler.ray.submitted == ["a"]
+    scheduler.submit_grace_s = 0  # ... once the grace is over it is lost, and submitted again
     scheduler.tick()
     job = store.get("a")
     assert job.state == "running" and job.attempts == 2 and scheduler.ray.submitted == ["a", "a"]
@@ -196,7 +199,8 @@ def test_token_settings(tmp_path):
     settings = Settings.from_env({"SAEFORGE_HOME": str(tmp_path), "SAEFORGE_TOKENS_FILE": str(file),
                                   "SAEFORGE_TOKENS": "e:dave", "SAEFORGE_MODEL_ROOTS": f"{tmp_path},/opt/m"})
     assert settings.tokens == {"f": "carol", "e": "dave"}
-    assert settings.model_roots[0] == tmp_path.resolve() and settings.database_url.endswith("saeforge.db")
+    assert settings.paths.model_roots == (str(tmp_path.resolve()), "/opt/m")
+    assert settings.database_url.endswith("saeforge.db")
     assert "carol" not in repr(settings)  # secrets stay out of logs
     with pytest.raises(SettingsError):
         Settings.from_env({"SAEFORGE_MAX_RUNNING_JOBS": "0"})
