@@ -43,6 +43,10 @@ class Uri:
     kind: Kind
     sentinels: tuple[str, ...] = ("embedded",)
     glob: bool = False  # the value may be a glob pattern (read only)
+    not_a_place: Callable[[str], bool] | None = None  # e.g. a hub id (org/name), which names no file
+
+    def names_place(self, value: str) -> bool:
+        return value not in self.sentinels and not (self.not_a_place is not None and self.not_a_place(value))
 
 
 class PathPolicyError(ValueError):
@@ -252,10 +256,10 @@ def walk_uris(model: type, data: Any, visit: Callable[[str, str, Uri], str], pre
         value, where = data[name], f"{prefix}{name}"
         marker = next((m for m in info.metadata if isinstance(m, Uri)), None)
         if marker is not None:
-            if isinstance(value, str) and value not in marker.sentinels:
+            if isinstance(value, str) and marker.names_place(value):
                 out[name] = visit(where, value, marker)
             elif isinstance(value, list):
-                out[name] = [visit(f"{where}[{i}]", v, marker) if isinstance(v, str) and v not in marker.sentinels
+                out[name] = [visit(f"{where}[{i}]", v, marker) if isinstance(v, str) and marker.names_place(v)
                              else v for i, v in enumerate(value)]
             continue
         for sub in _models(info.annotation):
