@@ -1,6 +1,7 @@
 """The job store and the scheduler's bookkeeping, with a fake Ray (fast: no Ray, no server)."""
 
 import threading
+import time
 
 import pytest
 
@@ -75,6 +76,42 @@ def test_claims_never_exceed_the_limit_even_from_many_threads(store):
         t.join()
     assert len(claimed) == 3 == store.count("running")
     assert claimed == sorted(claimed)  # oldest first
+
+
+def test_postgresql_claims_hold_the_limit_across_replicas(postgres):
+    """Eight API replicas' stores (each its own engine and connections) on one real PostgreSQL claim at once:
+    the advisory lock lets no more than the limit run, whatever the interleaving; jobs that finish free places
+    that the others then take, still never more than the limit at once."""
+    postgres.create_database("claims")
+    url = postgres.url("claims")
+    stores = [JobStore(url) for _ in range(8)]
+    for i in range(24):
+        _create(stores[0], f"job-{i:02d}")
+    claimed: list[str] = []
+    peaks: list[int] = []
+    lock = threading.Lock()
+
+    def replica(store: JobStore) -> None:
+        for _ in range(12):
+            job = store.claim_next(3)
+            if job is None:
+                time.sleep(0.01)
+                continue
+            with lock:
+                claimed.append(job.id)
+            peaks.append(store.count("running"))
+            store.transition(job.id, ("running",), "succeeded")
+
+    threads = [threading.Thread(target=replica, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(peaks) <= 3, peaks
+    assert len(claimed) == len(set(claimed)) and claimed  # no job claimed twice
+    assert stores[0].count("running") == 0 and stores[0].count("succeeded") == len(claimed)
+    for store in stores:
+        store.close()
 
 
 class FakeRay:
