@@ -85,6 +85,15 @@ def command_run(args: argparse.Namespace) -> int:
         close()
         print(f"job rejected: {error}", file=sys.stderr)
         return 2
+    if args.plan:
+        from services.placement import PlacementError, nodes_for, plan
+
+        try:
+            print(plan(spec, nodes_for(spec, args.gpus)).describe())
+        except PlacementError as error:
+            print(f"job rejected: {error}", file=sys.stderr)
+            return 2
+        return 0
     from api.capacity import check_local_run
 
     try:  # what the service refuses at submission (model rules known without loading it, memory per rank)
@@ -312,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="resume when the job has a checkpoint, else start it (what the service uses)")
     run.add_argument("--stop-at-step", type=int, help="checkpoint at this step and stop (resume later)")
     run.add_argument("--spec-json", help="the JobSpec as a JSON string instead of a file (used by the service)")
+    run.add_argument("--plan", action="store_true",
+                     help="print where the job's actors would run (GPUs, CPUs, pools) on this machine or the "
+                          "spec's / RAY_ADDRESS cluster, and exit")
+    run.add_argument("--gpus", type=int, help="with --plan: plan for one node with this many GPUs instead")
     run.set_defaults(handler=command_run)
 
     serve = commands.add_parser("serve", help="run the job service (HTTP API); see docs/service.md")

@@ -267,8 +267,20 @@ class ClusterSpec(Strict):
                            "needs zero_stage 1 or 2): for dictionaries whose training state exceeds GPU memory")
     buffer_batches: Annotated[int, Field(ge=1, le=1024)] = 4
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+    producer_gpus: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="GPUs per producer on a GPU cluster: a fraction shares one GPU, more than one spreads the "
+                         "model's blocks over that many GPUs of one node (a whole number); fewer GPUs than "
+                         "everyone's own: producers and the evaluator share (services/placement.py)")
     max_failures: Annotated[int, Field(ge=0)] = Field(
         2, description="trainer-group restarts from the last checkpoint before the job fails")
+
+    @field_validator("producer_gpus")
+    @classmethod
+    def _whole_beyond_one(cls, gpus: float) -> float:
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"cluster.producer_gpus ({gpus:g}): more than one GPU must be a whole number (Ray "
+                             f"hands out fractions of one GPU only); use {int(gpus)} or {int(gpus) + 1}")
+        return gpus
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> ClusterSpec:

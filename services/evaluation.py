@@ -1,6 +1,7 @@
 """SpliceEvaluator: a Ray actor that measures what a dictionary costs the language model.
 
-It holds the whole model (the LM head is needed) and windows of held-out text, and for a dictionary's
+It holds the whole model (the LM head is needed) — on the GPU(s) Ray gave it, spread over several as a
+producer's blocks are, else on the CPU — and windows of held-out text, and for a dictionary's
 weights reports delta LM loss and CE loss recovered with the reconstruction spliced in at the hooked site
 (zero-ablation baseline). Only real-token positions are replaced: BOS/EOS keep their activations, since the
 dictionary never saw them in training.
@@ -9,11 +10,13 @@ dictionary never saw them in training.
 from __future__ import annotations
 
 import numpy as np
+import ray
 import torch
 from torch import Tensor
 
 from api.jobspec import JobSpec
 from services.data import load_documents, split_documents
+from services.model_producer import producer_device
 from services.models import load_language_model, splice
 from services.windows import TokenWindows
 from trainers.metrics import splice_metrics
@@ -24,7 +27,8 @@ class SpliceEvaluator:
     def __init__(self, spec_json: str, monitor=None):
         self.spec = JobSpec.model_validate_json(spec_json)
         self.monitor = monitor
-        self.lm = load_language_model(self.spec.model)
+        self.lm = load_language_model(self.spec.model, device=producer_device(),
+                                      gpus=len(ray.get_gpu_ids()) if ray.is_initialized() else 1)
         documents = load_documents(self.spec.data)
         _, held_out = split_documents(documents, self.spec.data.holdout_fraction, self.spec.training.seed)
         windows = TokenWindows(self.lm.tokenizer, [documents[i] for i in held_out], self.spec.data.context_length,
@@ -46,13 +50,14 @@ class SpliceEvaluator:
         sae.eval()
         dtype = next(self.lm.model.parameters()).dtype
 
-        def reconstruct(activation: Tensor) -> Tensor:
-            flat = activation.reshape(-1, activation.shape[-1]).float()
-            return sae(flat).x_hat.reshape(activation.shape).to(dtype)
+        def reconstruct(activation: Tensor) -> Tensor:  # the hooked block may be on another GPU than the SAE
+            flat = activation.reshape(-1, activation.shape[-1]).to(self.lm.device, torch.float32)
+            return sae(flat).x_hat.reshape(activation.shape).to(activation.device, dtype)
 
         def spliced(replace):
             keep = self.keep[..., None]
-            return splice(self.lm.model, self.spec.hook_of(index), lambda a: torch.where(keep, replace(a), a))
+            return splice(self.lm.model, self.spec.hook_of(index),
+                          lambda a: torch.where(keep.to(a.device), replace(a), a))
 
         metrics = splice_metrics(lambda: self.lm.model(input_ids=self.input_ids, use_cache=False).logits,
                                  spliced, reconstruct, self.input_ids)

@@ -20,10 +20,11 @@ import torch
 
 from api.jobspec import JobSpec
 from services.data import corpus_fingerprint, load_documents, producer_slice, split_documents
-from services.models import capture, load_language_model, run_blocks
+from services.models import capture, load_language_model, run_blocks, stream_dtype
 from services.remote_code import check_remote_code
 from services.rows import HELD_OUT_PRODUCER, ROW_IDS, TOKEN_IDS, row_ids
 from services.windows import TokenWindows
+from storage.arrays import to_numpy
 
 
 def producer_device() -> str:
@@ -42,7 +43,10 @@ class ActivationProducer:
         self.index = producer_index
         self.hooks = self.spec.hooks()
         deepest = max(hook.layer for hook in self.hooks)
-        self.lm = load_language_model(self.spec.model, keep_layers=deepest + 1, device=producer_device())
+        # A producer given several GPUs spreads the kept blocks over them; it never loads the LM head.
+        self.lm = load_language_model(self.spec.model, keep_layers=deepest + 1, device=producer_device(),
+                                      gpus=len(ray.get_gpu_ids()) if ray.is_initialized() else 1, lm_head=False)
+        self.stream_dtype = stream_dtype(self.spec, self.lm.device)  # bf16 on a GPU: half the bytes downstream
         documents = load_documents(self.spec.data)
         self.fingerprint = corpus_fingerprint(documents)
         train, held_out = split_documents(documents, self.spec.data.holdout_fraction, self.spec.training.seed)
@@ -84,7 +88,7 @@ class ActivationProducer:
         with torch.inference_mode(), capture(self.lm.model, self.hooks) as captured:
             run_blocks(self.lm, ids)
             mask = torch.from_numpy(keep).to(device)
-            rows = {name: acts[mask].float().cpu().numpy() for name, acts in captured.items()}
+            rows = {name: to_numpy(acts[mask].to(self.stream_dtype)) for name, acts in captured.items()}
         kept = int(keep.sum())
         rows[TOKEN_IDS] = windows[keep].astype(np.int32)
         rows[ROW_IDS] = row_ids(producer, first_row, kept)

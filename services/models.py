@@ -15,9 +15,19 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from api.jobspec import HookSpec, ModelSpec
+from api.jobspec import HookSpec, JobSpec, ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def stream_dtype(spec: JobSpec, device: torch.device | str) -> torch.dtype:
+    """The activation stream's dtype: the model's unless float32; bf16 out of a float32 model on a GPU (half the
+    bytes through the object store; the trainers upcast) unless training.precision is fp32; else float32."""
+    if spec.model.dtype != "float32":
+        return DTYPES[spec.model.dtype]
+    if torch.device(device).type == "cuda" and spec.training.precision != "fp32":
+        return torch.bfloat16
+    return torch.float32
 
 
 def embedded_model_file() -> Path:
@@ -70,36 +80,75 @@ class LanguageModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the input ids go (the embedding's device, the first of several with a device_map)."""
+        return self.model.get_input_embeddings().weight.device
 
 
-def load_language_model(spec: ModelSpec, keep_layers: int | None = None,
-                        device: torch.device | str = "cpu") -> LanguageModel:
-    """Load the model; with keep_layers, blocks from that index on are neither loaded nor run."""
+def load_language_model(spec: ModelSpec, keep_layers: int | None = None, device: torch.device | str = "cpu",
+                        gpus: int = 1, lm_head: bool = True) -> LanguageModel:
+    """Load the model; with keep_layers, blocks from that index on are neither loaded nor run.
+
+    gpus > 1 (with device "cuda"): the kept blocks are spread over that many GPUs by a balanced device_map
+    (device_map_for). lm_head=False: the LM head (and final norm) are not loaded either, what a producer needs.
+    From a local folder (safetensors) or a GGUF file only the tensors of the kept modules are kept in memory.
+    """
     dtype = DTYPES[spec.dtype]
+    spread = gpus > 1 and torch.device(device).type == "cuda"
     if spec.random is not None:
         model, tokenizer = _random_model(spec)
         num_layers = spec.random.num_layers
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         folder, kwargs = _source(spec)
         config = AutoConfig.from_pretrained(folder, **kwargs)
         num_layers = config.num_hidden_layers
         if keep_layers is not None:
-            config.num_hidden_layers = min(keep_layers, num_layers)  # upper blocks' weights are skipped
+            cut_config(config, keep_layers)
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kwargs)
+        model_class = AutoModelForCausalLM if lm_head else AutoModel
+        placement = {"device_map": device_map_for(model_class, config, gpus, dtype)} if spread else {}
+        model = model_class.from_pretrained(folder, config=config, dtype=dtype, **placement, **kwargs)
     layers = decoder_layers(model)
     if keep_layers is not None and keep_layers < len(layers):
         del layers[keep_layers:]
-    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if not lm_head and model.base_model is not model:  # a random model is built whole: drop its head here
+        model = model.base_model
+    if not spread:
+        model.to(device=device, dtype=dtype)
+    model.eval().requires_grad_(False)
     d_model = model.get_input_embeddings().weight.shape[1]
     return LanguageModel(model, tokenizer, num_layers, len(layers), d_model)
 
 
+def cut_config(config, keep_layers: int) -> None:
+    """The config of the model's first keep_layers blocks: from_pretrained then skips the other blocks' weights."""
+    keep = min(keep_layers, config.num_hidden_layers)
+    config.num_hidden_layers = keep
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Qwen3, Gemma 3, ...)
+        config.layer_types = config.layer_types[:keep]
+
+
+def device_map_for(model_class, config, gpus: int, dtype: torch.dtype,
+                   max_memory: dict[int, int] | None = None) -> dict[str, int | str]:
+    """accelerate's balanced device_map of the (cut) model over GPUs 0..gpus-1, planned on an empty model.
+
+    max_memory: bytes per GPU (default: what each GPU has free). Blocks are never split across GPUs.
+    """
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory
+
+    with init_empty_weights():
+        model = model_class.from_config(config, dtype=dtype)
+    if max_memory is None:
+        max_memory = {i: torch.cuda.mem_get_info(i)[0] for i in range(gpus)}
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    balanced = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "layers", "h"):
         module = model
         try:
             for part in path.split("."):
@@ -140,11 +189,12 @@ def capture(model: nn.Module, hooks: list[HookSpec]) -> Iterator[dict[str, Tenso
     """Within the block, every forward pass stores each hook's activation [batch, seq, d] under hook.name."""
     captured: dict[str, Tensor] = {}
     handles = []
+    device = model.get_input_embeddings().weight.device  # with a device_map, blocks run on other GPUs too
     for hook in hooks:
         module, where = site_module(model, hook)
 
         def store(name: str, tensor: Tensor) -> None:
-            captured[name] = tensor.detach()
+            captured[name] = tensor.detach().to(device)
 
         if where == "input":
             handles.append(module.register_forward_pre_hook(

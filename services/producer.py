@@ -8,22 +8,24 @@ import ray
 from api.jobspec import JobSpec
 from services.cache_producer import CacheProducer, open_cache_for
 from services.model_producer import ActivationProducer
+from services.placement import Request
 from services.remote_code import ALLOW_REMOTE_CODE_ENV, check_remote_code
 
 PRODUCER_MAX_RESTARTS = 4
 
 
-def start_producers(spec: JobSpec, gpu: bool) -> list:
-    """The job's producer actors (model or cache), restartable: Ray restarts a dead one and retries its calls."""
+def start_producers(spec: JobSpec, request: Request) -> list:
+    """The job's producer actors (model or cache), restartable: Ray restarts a dead one and retries its calls.
+    request: each producer's resources, from the job's placement plan (services/placement.py)."""
     n = spec.cluster.producers
     spec_json = spec.model_dump_json()
-    options = {"num_cpus": 1, "max_restarts": PRODUCER_MAX_RESTARTS, "max_task_retries": PRODUCER_MAX_RESTARTS}
+    options = {**request.options(), "max_restarts": PRODUCER_MAX_RESTARTS, "max_task_retries": PRODUCER_MAX_RESTARTS}
     if spec.data.cache.read is not None:
         open_cache_for(spec)  # refuse a mismatching cache here, with its message, before any actor starts
-        actor = ray.remote(CacheProducer).options(**options, num_gpus=0)
+        actor = ray.remote(CacheProducer).options(**{**options, "num_gpus": 0})
     else:
         check_remote_code(spec.model)
         if spec.model.trust_remote_code:  # the producers check too: tell them what the server allowed
             options["runtime_env"] = {"env_vars": {ALLOW_REMOTE_CODE_ENV: "1"}}
-        actor = ray.remote(ActivationProducer).options(**options, num_gpus=1 if gpu else 0)
+        actor = ray.remote(ActivationProducer).options(**options)
     return [actor.remote(spec_json, i, n) for i in range(n)]

@@ -1,7 +1,8 @@
 """The layout of an activation batch, shared by everything that makes, moves or stores one.
 
-Every batch is {hook name: float32 [rows, d]} plus TOKEN_IDS (int32 [rows]) and ROW_IDS (int64 [rows], the
-producer's index in the high bits and the row's position in its stream in the low bits: unique across a job).
+Every batch is {hook name: [rows, d] in the stream dtype (float32; bf16 from a GPU, services.models.stream_dtype)}
+plus TOKEN_IDS (int32 [rows]) and ROW_IDS (int64 [rows], the producer's index in the high bits and the row's
+position in its stream in the low bits: unique across a job).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from services.buffer import start_buffer
 from services.buffer_stats import log_stats_periodically
 from services.evaluation import SpliceEvaluator
 from services.monitor import JobMonitor
+from services.placement import cluster_nodes, local_cpus, plan, trainers_see_cuda
 from services.producer import start_producers
 from services.tracking import JobTracking, flatten, tracking_uri, ui_command
 from storage.uri import filesystem, is_local, join, local_path, pyarrow_filesystem
@@ -91,23 +92,9 @@ def _connect(spec: JobSpec, quiet: bool) -> bool:
         ray.init(address=address, log_to_driver=not quiet)
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster needs no token
-    needed = spec.cluster.producers + spec.cluster.trainer_ranks + (spec.training.splice_eval_tokens > 0)
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=not quiet,
+    ray.init(num_cpus=local_cpus(spec), include_dashboard=False, log_to_driver=not quiet,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES)
     return True
-
-
-def _use_gpu(spec: JobSpec) -> bool:
-    if spec.cluster.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return spec.cluster.use_gpu == "yes"
-
-
-def _gpu_share(spec: JobSpec, gpu: bool, users: int) -> float:
-    """GPUs per GPU-using actor: whole GPUs when the cluster has enough, else a fair fraction of them."""
-    if not gpu:
-        return 0.0
-    return min(1.0, ray.cluster_resources().get("GPU", 0) / max(users, 1)) or 1.0
 
 
 def _dictionary_tags(spec: JobSpec, index: int, d_model: int) -> dict[str, str]:
@@ -194,24 +181,23 @@ def run_job(spec: JobSpec, job_id: str | None = None, quiet: bool = False,
 def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, actors: list,
          on_progress: Callable[[Progress], None] | None,
          stop_at_step: int | None) -> tuple[dict[str, dict], dict[str, int] | None]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainers.worker import train_worker
 
-    gpu = _use_gpu(spec)
+    placement = plan(spec, cluster_nodes())  # refused here, before any actor starts, when the cluster cannot hold it
+    cuda = trainers_see_cuda(placement)  # nccl on GPUs torch can use; gloo where Ray's GPUs are not CUDA's
     spec_json = spec.model_dump_json()
-    producers = start_producers(spec, gpu)  # model producers, or cache readers with data.cache.read
+    producers = start_producers(spec, placement.producer)  # model producers, or cache readers with data.cache.read
     actors.extend(producers)
     held_out = producers[0].held_out_batch.remote(spec.training.eval_tokens) if spec.training.eval_tokens else None
     buffer = start_buffer(spec, producers, held_out, job_id)  # writes data.cache.write when given
     monitor = ray.remote(JobMonitor).options(num_cpus=0).remote()
     actors.extend([buffer, monitor])
     evaluator = None
-    evaluates = spec.training.splice_eval_tokens > 0 and spec.data.cache.read is None  # a cache has no model
-    share = _gpu_share(spec, gpu, spec.cluster.producers + spec.cluster.trainer_ranks + evaluates)
-    if evaluates:
-        evaluator = ray.remote(SpliceEvaluator).options(num_cpus=1, num_gpus=share).remote(spec_json, monitor)
+    if placement.evaluator is not None:  # splice evaluation, unless the job reads a cache (no model)
+        evaluator = ray.remote(SpliceEvaluator).options(**placement.evaluator.options()).remote(spec_json, monitor)
         actors.append(evaluator)
     log_stats_periodically(buffer, lambda stats, step: tracking.log_metrics(tracking.parent_run_id, stats, step))
 
@@ -226,9 +212,8 @@ def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, act
         train_loop_config={"spec_json": spec_json, "buffer": buffer, "monitor": monitor,
                            "held_out": held_out, "evaluator": evaluator, "output_uri": output_uri,
                            "job_id": job_id, "stop_at_step": stop_at_step},
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=spec.cluster.trainer_ranks, use_gpu=gpu,
-                                     resources_per_worker={"CPU": 1, **({"GPU": share} if gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+        scaling_config=placement.scaling_config(),
         run_config=RunConfig(name="train", storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.training.keep_checkpoints)),

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from storage.arrays import to_torch
 from storage.uri import filesystem
 
 MANIFEST = "manifest.json"
@@ -37,7 +38,7 @@ STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 def _tensor(array: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = to_torch(np.ascontiguousarray(array))  # bf16 batches of a GPU stream included
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 

@@ -183,7 +183,10 @@ class SparseAutoencoder(nn.Module):
         self.W_dec.copy_(rows)
         self.W_enc.copy_(rows)
         self.b_enc.zero_()
-        scale = float((sample - b_dec).pow(2).sum(dim=1).mean().sqrt().clamp_min(1e-8))
+        scale = (sample - b_dec).pow(2).sum(dim=1).mean().sqrt().clamp_min(1e-8).reshape(1)
+        # Data-parallel replicas initialize from different batches: one scale for all, since DeepSpeed makes the
+        # parameters identical across replicas but not this buffer.
+        scale = float(self.mesh.sum_over(scale, "replicas") / self.mesh.replicas)
         info["input_scale"] = scale
         if cfg.architecture == "jumprelu":
             self.input_scale.fill_(scale)
@@ -278,10 +281,16 @@ class SparseAutoencoder(nn.Module):
                 mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept, True).view_as(gathered)
                 mask = self.mesh.own_columns(mask, acts.shape[1]) & (values > 0)
                 positive = kept_values[kept_values > 0]
-                if positive.numel() > 0:
+                # θ is a buffer: the replicas' batches' minima are averaged, so that θ stays the same on every
+                # data-parallel replica (each calls the all-reduce, with or without a positive value).
+                has = positive.numel() > 0
+                smallest = torch.stack([positive.min().float() if has else acts.new_zeros((), dtype=torch.float32),
+                                        acts.new_tensor(float(has), dtype=torch.float32)])
+                smallest = self.mesh.sum_over(smallest, "replicas")
+                if float(smallest[1]) > 0:
                     # The first batch sets θ outright: an EMA from 0 would take ~1/lr steps to mean anything.
                     lr = self.cfg.batchtopk_threshold_lr if float(self.threshold) > 0 else 1.0
-                    self.threshold.mul_(1 - lr).add_(lr * positive.min().float())
+                    self.threshold.mul_(1 - lr).add_(lr * smallest[0] / smallest[1])
             else:
                 mask = acts.detach() > self.threshold.to(acts.dtype)
             capped = mask.all(dim=1).float().mean() if acts.shape[1] > self.cfg.k else acts.new_zeros(())

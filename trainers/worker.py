@@ -23,6 +23,7 @@ import ray.train
 import torch
 
 from api.jobspec import JobSpec
+from storage.arrays import to_torch
 from storage.export import saelens_config, save_saelens, save_sparsify
 from storage.uri import join
 from trainers import checkpoint as checkpoints
@@ -76,7 +77,7 @@ def _build(spec: JobSpec, index: int, sample: np.ndarray, device: torch.device, 
 def _tensor(array: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():  # read-only object-store memory: torch warns, but nothing writes to it
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
+        return to_torch(array)  # float32, or bf16 from a GPU stream
 
 
 def _input(d: Dictionary, batch: dict[str, np.ndarray], device: torch.device) -> torch.Tensor:
@@ -144,7 +145,8 @@ def train_worker(config: dict) -> None:
     spec = JobSpec.model_validate_json(config["spec_json"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    # A GPU from Ray that torch cannot use (a CPU build, GPUs declared to Ray by hand) trains on the CPU.
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     deepspeed.init_distributed(dist_backend=distributed_backend(device), auto_mpi_discovery=False)
     mesh = ShardMesh.build(world, rank, spec.cluster.latent_shards)
     torch.manual_seed(spec.training.seed)

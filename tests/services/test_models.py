@@ -3,7 +3,7 @@
 import torch
 
 from api.jobspec import HookSpec, ModelSpec, RandomModelSpec
-from services.models import capture, load_language_model, run_blocks, splice
+from services.models import capture, cut_config, device_map_for, load_language_model, run_blocks, splice
 
 SPEC = ModelSpec(random=RandomModelSpec(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, seed=1))
 IDS = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -57,3 +57,39 @@ def test_splice_replaces_the_activation():
             ablated = lm.model(IDS).logits
     torch.testing.assert_close(clean, identity)
     assert not torch.allclose(clean, ablated)
+
+
+def _saved_folder(tmp_path):
+    """A tiny random Llama saved as a Hugging Face folder (safetensors weights, byte-level tokenizer)."""
+    lm = load_language_model(SPEC)
+    lm.model.save_pretrained(tmp_path / "tiny", safe_serialization=True)
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    return ModelSpec(name=str(tmp_path / "tiny")), lm
+
+
+def _block_count(model) -> int:
+    return len({name.split(".")[1] for name, _ in model.named_parameters() if name.startswith("layers.")})
+
+
+def test_cut_from_saved_folder_holds_embedding_and_kept_blocks_only(tmp_path):
+    spec, full = _saved_folder(tmp_path)
+    cut = load_language_model(spec, keep_layers=2, lm_head=False)
+    per_block = sum(p.numel() for p in full.model.model.layers[0].parameters())
+    embedding = full.model.get_input_embeddings().weight.numel()
+    assert _block_count(cut.model) == 2 and cut.num_layers == 3 and cut.kept_layers == 2
+    assert sum(p.numel() for p in cut.model.parameters()) == embedding + 2 * per_block + SPEC.random.hidden_size
+    hook = HookSpec(layer=1, site="resid_post")
+    torch.testing.assert_close(_capture(cut, [hook])[hook.name], _capture(full, [hook])[hook.name])
+
+
+def test_device_map_of_a_two_gpu_producer_splits_the_cut_blocks_over_both():
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model("llama", vocab_size=384, hidden_size=64, num_hidden_layers=6,
+                                  num_attention_heads=4, num_key_value_heads=4, intermediate_size=128)
+    cut_config(config, 4)
+    plan = device_map_for(AutoModel, config, 2, torch.bfloat16, max_memory={0: 1 << 30, 1: 1 << 30})
+    blocks = {name: device for name, device in plan.items() if name.startswith("layers.")}
+    assert sorted(blocks) == [f"layers.{i}" for i in range(4)]  # only the blocks up to the cut
+    assert set(blocks.values()) == {0, 1} and plan["embed_tokens"] == 0
+    assert "lm_head" not in plan
