@@ -349,6 +349,25 @@ def test_worker_groups_advertise_their_custom_resources(helm, values_file):
 
 
 @pytest.mark.parametrize("values_file", CI_FILES)
+def test_the_runner_requests_what_the_worker_groups_advertise(helm, values_file):
+    """The placement plan on the rendered cluster's nodes pins producers / the evaluator to the producers group
+    and trainer ranks to the trainers group: the names the runner asks for are the ones the pods carry."""
+    from api.jobspec import JobSpec
+    from services.placement import Node, plan
+
+    rc = by_kind(render(helm, values_file), "RayCluster")[0]
+    nodes = []
+    for group in rc["spec"]["workerGroupSpecs"]:
+        advertised = json.loads(group["rayStartParams"]["resources"][1:-1])
+        gpus = float(group["template"]["spec"]["containers"][0]["resources"].get("limits", {}).get(
+            "nvidia.com/gpu", 0))
+        nodes += [Node(2.0, gpus, advertised)] * group["replicas"]
+    placed = plan(JobSpec(), [Node(2.0, 0.0), *nodes])  # the head: no custom resource
+    assert set(placed.producer.resources) == set(placed.evaluator.resources) == {"producer"}
+    assert set(placed.trainer.resources) == {"trainer"}
+
+
+@pytest.mark.parametrize("values_file", CI_FILES)
 def test_api_submits_to_the_ray_head_service(helm, values_file):
     docs = render(helm, values_file)
     rc = by_kind(docs, "RayCluster")[0]
