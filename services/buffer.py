@@ -47,6 +47,7 @@ class ActivationBuffer:
         self.producers = producers
         self.ready: collections.deque = collections.deque()  # (ref, rows) mixed, not yet handed out
         self._taken: dict[int, ray.ObjectRef] = {}  # batch number -> ref, the last RETAINED_BATCHES taken
+        self._taken_rows: dict[int, int] = {}  # batch number -> its rows
         self._next_index = 0  # the number the next batch leaving `ready` gets
         self._stream_over = False  # a finite stream ended and was flushed into `ready`
         self._changed = asyncio.Condition()
@@ -61,6 +62,7 @@ class ActivationBuffer:
         self.batches_out = 0
         self.producer_meta: dict[int, dict] = {}
         self.offsets = [0] * len(producers)  # rows received from each producer
+        self.cursors: list[dict | None] = [None] * len(producers)  # each producer's latest cursor (a seek hint)
         self.retries = 0
         self.mix_seconds = 0.0
         self.batches_mixed = 0
@@ -80,7 +82,7 @@ class ActivationBuffer:
         failures = 0
 
         def submit(offset: int) -> None:
-            pending.append((offset, producer.next_batch.remote(offset)))
+            pending.append((offset, producer.next_batch.remote(offset, self.cursors[index])))
 
         try:
             submit(self.offsets[index])
@@ -109,7 +111,7 @@ class ActivationBuffer:
                 self.producer_meta[index] = meta
                 if meta["tokens"]:
                     self.produced.add(meta["tokens"])
-                    await self._ingest(index, offset + meta["tokens"], batch)
+                    await self._ingest(index, offset + meta["tokens"], meta.get("cursor"), batch)
                     await self._wait_for(lambda: len(self.ready) < self.capacity)  # back-pressure
                 else:
                     self.offsets[index] = offset
@@ -134,13 +136,14 @@ class ActivationBuffer:
         async with self._changed:
             await self._changed.wait_for(predicate)
 
-    async def _ingest(self, index: int, offset: int, batch: dict[str, np.ndarray]) -> None:
+    async def _ingest(self, index: int, offset: int, cursor: dict | None, batch: dict[str, np.ndarray]) -> None:
         # One step under the lock: the reservoir, the ready queue and the producer's offset move together, so a
         # snapshot never sees rows that are in none of them or in two.
         async with self._lock:
             refs = await asyncio.to_thread(self._mix_and_put, batch, False)
             self.ready.extend(refs)
             self.offsets[index] = offset
+            self.cursors[index] = cursor
         await self._notify()
 
     async def _finish_stream(self) -> None:
@@ -178,10 +181,10 @@ class ActivationBuffer:
             return None
         ref, rows = self.ready.popleft()
         index = self._next_index
-        self._taken[index] = ref
+        self._taken[index], self._taken_rows[index] = ref, rows
         self._next_index += 1
         for old in [i for i in self._taken if i < index - RETAINED_BATCHES]:
-            del self._taken[old]  # drop the buffer's reference: the object store may free the batch
+            del self._taken[old], self._taken_rows[old]  # drop the buffer's reference: the object store may free it
         self.consumed.add(rows)
         self.batches_out = self._next_index
         await self._notify()  # room for the pullers
@@ -198,16 +201,21 @@ class ActivationBuffer:
         index = await self._take()
         return [] if index is None else [self._taken[index]]
 
-    async def batch(self, index: int) -> list:
+    async def batch(self, index: int, group: int = 1) -> list:
         """Batch number `index` as [ObjectRef]; every consumer that asks for the same number (the latent shards
-        of one replica) gets the same batch. [] once a finite stream has ended. Numbers below `index` are
-        taken on the way and kept for the consumers that will ask for them."""
-        while index >= self._next_index:
+        of one replica) gets the same batch. Numbers below `index` are taken on the way and kept for the
+        consumers that will ask for them. `group`: the batches of one training step (its replicas): each is
+        handed out only when all of them are there and full, so at the end of a finite stream every rank of a
+        step gets [] together and the job ends at its last full step."""
+        first = index - index % group
+        while first + group > self._next_index:
             if await self._take() is None:
                 return []
-        if index not in self._taken:
+        if any(i not in self._taken for i in range(first, first + group)):
             raise RuntimeError(f"batch {index} is gone: the buffer keeps the last {RETAINED_BATCHES} batches and "
                                f"is at batch {self._next_index}")
+        if any(self._taken_rows[i] != self.mixer.batch_rows for i in range(first, first + group)):
+            return []  # the short last batch of a finite stream
         return [self._taken[index]]
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -220,7 +228,8 @@ class ActivationBuffer:
                 raise RuntimeError(f"cannot snapshot the stream at batch {index}: the buffer holds batches "
                                    f"{min(self._taken, default=self._next_index)}..{self._next_index - 1}")
             refs = [self._taken[i] for i in range(index, self._next_index)] + [ref for ref, _ in self.ready]
-            state = {**self.mixer.state(), "offsets": list(self.offsets), "stream_over": self._stream_over}
+            state = {**self.mixer.state(), "offsets": list(self.offsets), "cursors": list(self.cursors),
+                     "stream_over": self._stream_over}
         state["pending"] = [await ref for ref in refs]
         return state
 
@@ -234,12 +243,14 @@ class ActivationBuffer:
             self._pullers = []
             self.ready.clear()
             self._taken.clear()
+            self._taken_rows.clear()
             self._next_index = self.batches_out = index
             self._cached_batches = max(self._cached_batches, index)
             for batch in state["pending"]:
                 self.ready.append((ray.put(batch), len(next(iter(batch.values())))))
             self.mixer.load(state)
             self.offsets = list(state["offsets"])
+            self.cursors = list(state.get("cursors") or [None] * len(self.offsets))
             self._stream_over, self._ended, self._done, self.error = state["stream_over"], False, set(), None
             if not self._stream_over:
                 self._start()

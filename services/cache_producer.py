@@ -57,7 +57,9 @@ class CacheProducer:
                 "cache_tokens": m["tokens"]}
 
     @ray.method(num_returns=2)
-    def next_batch(self, offset: int | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    def next_batch(self, offset: int | None = None, cursor: dict | None = None
+                   ) -> tuple[dict, dict[str, np.ndarray]]:
+        """As ActivationProducer.next_batch; a cache seeks by offset alone (`cursor` is not needed)."""
         start = self.position if offset is None else offset
         wanted = self.spec.training.batch_tokens
         started = time.perf_counter()
@@ -68,7 +70,7 @@ class CacheProducer:
         self.batches += 1
         meta = {"tokens": rows, "offset": start, "end": rows < wanted, "producer": self.index, "batch": self.batches,
                 "epoch": self.stream.epoch_of(start), "forward_seconds": self.read_seconds,
-                "tokens_forwarded": self.position, "seeks": 0}
+                "tokens_forwarded": self.position, "seeks": 0, "cursor": None}
         return meta, batch
 
     def held_out_batch(self, tokens: int) -> dict[str, np.ndarray] | None:

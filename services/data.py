@@ -1,5 +1,15 @@
-"""Documents for a job: the embedded corpus, text / JSONL / Parquet files (local or s3://, a file, a folder or a
-glob pattern) or a dataset saved with `datasets.save_to_disk`, split into disjoint slices.
+"""A job's corpus as a list of pieces read one at a time: the embedded corpus, text / JSONL / Parquet files (local,
+s3:// or a hub dataset's files; a file, a folder or a glob pattern) or a dataset saved with
+`datasets.save_to_disk`.
+
+A piece is what one producer reads whole and in order: a block of the embedded corpus, a text file, a byte range
+of a JSONL file, a Parquet row group, an Arrow shard of a saved dataset. Pieces are listed in a fixed order from
+the corpus alone (file names and sizes, Parquet footers), so the same corpus gives the same pieces on every
+restart; producer p of N reads pieces p, p+N, p+2N, ... (disjoint and covering). Reading a piece holds one
+chunk of it at a time (JSONL lines, Parquet / Arrow record batches), never the corpus.
+
+Held-out documents are chosen per document by a hash of (seed, piece, position), so every reader agrees on them
+without reading the corpus first; they are never in the training stream.
 
 The embedded corpus is Python's own documentation: the pydoc topics and the docstrings of the standard
 library's source files (read with `ast`, so no module is imported), which ships with every interpreter.
@@ -14,13 +24,16 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from api.jobspec import DataSpec
 
 MIN_DOCUMENT_CHARS = 200
+EMBEDDED_BLOCK = 64  # documents of the embedded corpus per piece
+JSONL_PIECE_BYTES = 64 << 20  # a JSONL file is read in byte ranges of at most this size ...
+JSONL_MIN_PIECES = 16  # ... and in at least this many, so a small file still spreads over a few producers
+READ_ROWS = 1024  # rows per Parquet / Arrow record batch read
 
 
 def embedded_documents() -> list[str]:
@@ -70,6 +83,20 @@ DATA_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json")
 
 
+@dataclass(frozen=True)
+class Piece:
+    kind: str  # "embedded", "text", "jsonl", "parquet" or "arrow"
+    path: str  # a URI fsspec opens ("" for the embedded corpus)
+    part: int = 0  # embedded: the block; jsonl: the byte range; parquet: the row group
+    start: int = 0  # jsonl: the byte range [start, stop)
+    stop: int = 0
+    rows: int | None = None  # documents it holds, when known without reading it
+
+    @property
+    def key(self) -> str:
+        return f"{self.path}#{self.part}"
+
+
 def _has_scheme(source: str) -> bool:
     return "://" in source
 
@@ -91,19 +118,20 @@ def is_saved_dataset(source: str) -> bool:
     return fs.isdir(path) and any(fs.exists(f"{path.rstrip('/')}/{m}") for m in SAVED_DATASET_MARKERS)
 
 
-def _files(source: str) -> list[str]:
-    """The files a source names, sorted: one file, the data files under a folder, or a glob pattern's matches."""
+def _files(source: str) -> list[tuple[str, int]]:
+    """(URI, size) of the files a source names, sorted: one file, the data files under a folder, or a glob
+    pattern's matches."""
     fs, path = _filesystem(source)
     if any(ch in path for ch in "*?["):
-        found = [p for p in fs.glob(path) if fs.isfile(p)]
+        found = {p: info for p, info in fs.glob(path, detail=True).items() if info["type"] == "file"}
     elif fs.isdir(path):
-        found = [p for p in fs.find(path) if p.endswith(DATA_SUFFIXES)]
+        found = {p: info for p, info in fs.find(path, detail=True).items() if p.endswith(DATA_SUFFIXES)}
     elif fs.exists(path):
-        found = [path]
+        found = {path: fs.info(path)}
     else:
         raise ValueError(f"data.source: {source!r} does not exist; give an existing file, folder, glob pattern or "
                          "saved dataset")
-    return [_uri(fs, p) for p in sorted(found)]
+    return [(_uri(fs, p), int(found[p].get("size") or 0)) for p in sorted(found)]
 
 
 def _format_of(path: str, fmt: str) -> str:
@@ -114,86 +142,185 @@ def _format_of(path: str, fmt: str) -> str:
     return "jsonl" if path.endswith(JSONL_SUFFIXES) else "text"
 
 
-def _read_file(path: str, fmt: str, text_field: str) -> list[str]:
+def _file_pieces(uri: str, size: int, fmt: str, text_field: str) -> list[Piece]:
+    fmt = _format_of(uri, fmt)
+    if fmt == "hf_dataset":
+        raise ValueError(f"data.format 'hf_dataset' needs a saved dataset folder, not the file {uri}; point "
+                         "data.source at the folder save_to_disk wrote")
+    if fmt == "text":
+        return [Piece("text", uri, rows=1)]
+    if fmt == "jsonl":
+        count = max(JSONL_MIN_PIECES, -(-size // JSONL_PIECE_BYTES))
+        step = -(-size // count) if size else 1
+        return [Piece("jsonl", uri, i, i * step, min(size, (i + 1) * step)) for i in range(count)
+                if i * step < size]
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(uri, "rb") as handle:
+        meta = pq.ParquetFile(handle).metadata
+        columns = meta.schema.to_arrow_schema().names
+    if text_field not in columns:
+        raise ValueError(f"data.text_field: {uri} has no column {text_field!r} (columns: {columns}); set "
+                         "data.text_field to the one holding the text")
+    return [Piece("parquet", uri, g, rows=meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+
+
+def _saved_dataset_pieces(source: str, text_field: str) -> list[Piece]:
+    """The Arrow shards of a dataset written by `datasets.save_to_disk` (a Dataset, or a DatasetDict: its splits
+    in order), read as they are: no `datasets.load_from_disk`, which would map every shard."""
+    fs, path = _filesystem(source)
+    root = path.rstrip("/")
+    if fs.exists(f"{root}/dataset_dict.json"):
+        with fs.open(f"{root}/dataset_dict.json") as f:
+            folders = [f"{root}/{split}" for split in json.load(f)["splits"]]
+    else:
+        folders = [root]
+    pieces = []
+    for folder in folders:
+        with fs.open(f"{folder}/dataset_info.json") as f:
+            features = json.load(f).get("features") or {}
+        if features and text_field not in features:
+            raise ValueError(f"data.text_field: the dataset at {source} has no column {text_field!r} (columns: "
+                             f"{sorted(features)}); set data.text_field to the one holding the text")
+        with fs.open(f"{folder}/state.json") as f:
+            files = [entry["filename"] for entry in json.load(f)["_data_files"]]
+        pieces.extend(Piece("arrow", _uri(fs, f"{folder}/{name}")) for name in files)
+    return pieces
+
+
+def corpus_pieces(spec: DataSpec) -> list[Piece]:
+    """The pieces of the corpus, in their fixed order."""
+    if spec.source == "embedded":
+        count = len(embedded_documents())
+        return [Piece("embedded", "", b, rows=min(EMBEDDED_BLOCK, count - b * EMBEDDED_BLOCK))
+                for b in range(-(-count // EMBEDDED_BLOCK))]
+    source = spec.source
+    from services.hub import hub_dataset_files, is_hub_id
+
+    if is_hub_id(source):
+        files = hub_dataset_files(spec)
+    elif spec.format == "hf_dataset" or (spec.format == "auto" and is_saved_dataset(source)):
+        return _saved_dataset_pieces(source, spec.text_field)
+    else:
+        files = _files(source)
+    pieces = [piece for uri, size in files for piece in _file_pieces(uri, size, spec.format, spec.text_field)]
+    if not pieces:
+        raise ValueError(f"data.source: {spec.source!r} holds no data file; give .txt/.md, .jsonl or .parquet files")
+    return pieces
+
+
+def read_piece(piece: Piece, text_field: str, first: int = 0) -> Iterator[str]:
+    """The piece's documents from number `first` on, one chunk in memory at a time."""
+    if piece.kind == "embedded":
+        start = piece.part * EMBEDDED_BLOCK
+        yield from embedded_documents()[start + first:start + (piece.rows or 0)]
+        return
     import fsspec
 
-    fmt = _format_of(path, fmt)
-    if fmt == "text":
-        with fsspec.open(path, "rb") as handle:
-            text = handle.read().decode("utf-8", errors="replace")
-        return [text] if text.strip() else []
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+    if piece.kind == "text":
+        if first == 0:
+            with fsspec.open(piece.path, "rb") as handle:
+                text = handle.read().decode("utf-8", errors="replace")
+            yield text
+        return
+    if piece.kind == "jsonl":
+        yield from _jsonl_range(piece, text_field, first)
+        return
+    rows = _parquet_rows(piece, text_field) if piece.kind == "parquet" else _arrow_rows(piece, text_field)
+    index = 0
+    for column in rows:
+        if index + len(column) <= first:  # whole record batches before `first`: not decoded to Python
+            index += len(column)
+            continue
+        for text in column.to_pylist()[max(first - index, 0):]:
+            yield "" if text is None else str(text)
+        index += len(column)
 
-        with fsspec.open(path, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            columns = parquet.schema_arrow.names
-            if text_field not in columns:
-                raise ValueError(f"data.text_field: {path} has no column {text_field!r} (columns: {columns}); set "
-                                 "data.text_field to the one holding the text")
-            return [str(t) for t in parquet.read(columns=[text_field]).column(text_field).to_pylist()
-                    if t is not None]
-    if fmt == "hf_dataset":
-        raise ValueError(f"data.format 'hf_dataset' needs a saved dataset folder, not the file {path}; point "
-                         "data.source at the folder save_to_disk wrote")
-    documents = []
-    with fsspec.open(path, "rt", encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+
+def _jsonl_range(piece: Piece, text_field: str, first: int) -> Iterator[str]:
+    """The lines that start in [start, stop) (a line that straddles `start` belongs to the range before)."""
+    import fsspec
+
+    with fsspec.open(piece.path, "rb") as handle:
+        position = piece.start
+        if position:
+            handle.seek(position - 1)
+            skipped = handle.readline()  # the rest of the line that started before this range
+            position += len(skipped) - 1
+        number = 0
+        while position < piece.stop:
+            line = handle.readline()
+            if not line:
+                return
+            position += len(line)
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if text_field not in record:
-                raise ValueError(f"data.text_field: {path}:{number} has no field {text_field!r} "
-                                 f"(fields: {sorted(record)}); set data.text_field to the one holding the text")
-            documents.append(str(record[text_field]))
-    return documents
+            if number >= first:
+                record = json.loads(line)
+                if text_field not in record:
+                    raise ValueError(f"data.text_field: {piece.path} (byte {position - len(line)}) has no field "
+                                     f"{text_field!r} (fields: {sorted(record)}); set data.text_field to the one "
+                                     "holding the text")
+                yield str(record[text_field])
+            number += 1
 
 
-def _read_saved_dataset(source: str, text_field: str) -> list[str]:
-    """A dataset written by `datasets.save_to_disk` (a Dataset, or a DatasetDict: its splits in order)."""
-    import datasets
+def _parquet_rows(piece: Piece, text_field: str):
+    import fsspec
+    import pyarrow.parquet as pq
 
-    saved = datasets.load_from_disk(source)
-    splits = [saved[name] for name in saved] if isinstance(saved, datasets.DatasetDict) else [saved]
-    documents = []
-    for split in splits:
-        if text_field not in split.column_names:
-            raise ValueError(f"data.text_field: the dataset at {source} has no column {text_field!r} (columns: "
-                             f"{split.column_names}); set data.text_field to the one holding the text")
-        documents.extend(str(t) for t in split[text_field] if t is not None)
-    return documents
+    with fsspec.open(piece.path, "rb") as handle:  # range reads: only this row group's column chunk is fetched
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=READ_ROWS, row_groups=[piece.part],
+                                                         columns=[text_field]):
+            yield batch.column(0)
 
 
-def load_documents(spec: DataSpec) -> list[str]:
-    if spec.source == "embedded":
-        return embedded_documents()
-    if spec.format == "hf_dataset" or (spec.format == "auto" and is_saved_dataset(spec.source)):
-        documents = _read_saved_dataset(spec.source, spec.text_field)
-    else:
-        documents = []
-        for path in _files(spec.source):
-            documents.extend(_read_file(path, spec.format, spec.text_field))
-    if not documents:
-        raise ValueError(f"data.source: {spec.source!r} holds no text; give files with text in them")
-    return documents
+def _arrow_rows(piece: Piece, text_field: str):
+    import fsspec
+    import pyarrow as pa
+
+    with fsspec.open(piece.path, "rb") as handle:
+        for batch in pa.ipc.open_stream(handle):
+            yield batch.column(batch.schema.get_field_index(text_field))
 
 
-def split_documents(documents: list[str], holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of training and held-out documents, fixed by the seed; at least one of each when possible."""
-    order = np.random.default_rng(seed).permutation(len(documents))
-    held = int(round(len(documents) * holdout_fraction))
-    if holdout_fraction > 0 and len(documents) >= 2:
-        held = max(held, 1)
-    return sorted(order[held:].tolist()), sorted(order[:held].tolist())
+def is_held_out(piece: Piece, index: int, fraction: float, seed: int) -> bool:
+    """Whether document `index` of `piece` is held out: a fixed pseudo-random draw per document."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}|{piece.key}|{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < fraction * 2.0**64
 
 
-def producer_slice(indices: list[int], producer: int, producers: int) -> list[int]:
-    """The documents producer `producer` of `producers` reads: disjoint slices that cover `indices`."""
-    return indices[producer::producers]
+def documents(spec: DataSpec, seed: int, pieces: list[Piece] | None = None, held_out: bool = False,
+              ) -> Iterator[str]:
+    """The training documents of `pieces` (default: the whole corpus) in order, or only the held-out ones."""
+    for piece in corpus_pieces(spec) if pieces is None else pieces:
+        for index, text in enumerate(read_piece(piece, spec.text_field)):
+            if text and is_held_out(piece, index, spec.holdout_fraction, seed) == held_out:
+                yield text
 
 
-def corpus_fingerprint(documents: list[str]) -> str:
+def producer_pieces(pieces: list[Piece], producer: int, producers: int) -> list[Piece]:
+    """The pieces producer `producer` of `producers` reads: disjoint slices that cover `pieces`."""
+    mine = pieces[producer::producers]
+    if not mine:
+        raise ValueError(f"cluster.producers ({producers}): producer {producer} gets no piece of the {len(pieces)} "
+                         "the corpus is read in (files, JSONL byte ranges, Parquet row groups, saved-dataset "
+                         "shards); use fewer producers, or split the data into more files or row groups")
+    return mine
+
+
+def corpus_fingerprint(pieces: list[Piece]) -> str:
+    """Names the corpus without reading it: its pieces (paths, ranges, row counts)."""
     digest = hashlib.sha256()
-    for doc in documents:
-        digest.update(hashlib.sha256(doc.encode()).digest())
+    for piece in pieces:
+        digest.update(f"{piece.kind}|{piece.key}|{piece.start}|{piece.stop}|{piece.rows}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def known_documents(pieces: list[Piece]) -> int | None:
+    """The corpus's documents (held-out ones included) when every piece knows its count; else None."""
+    counts = [piece.rows for piece in pieces]
+    return None if None in counts else sum(counts)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from api.jobspec import JobSpec
-from services.data import load_documents, split_documents
+from services.data import documents
 from services.model_producer import producer_device
 from services.models import load_language_model, splice
 from services.windows import TokenWindows
@@ -29,10 +29,8 @@ class SpliceEvaluator:
         self.monitor = monitor
         self.lm = load_language_model(self.spec.model, device=producer_device(),
                                       gpus=len(ray.get_gpu_ids()) if ray.is_initialized() else 1)
-        documents = load_documents(self.spec.data)
-        _, held_out = split_documents(documents, self.spec.data.holdout_fraction, self.spec.training.seed)
-        windows = TokenWindows(self.lm.tokenizer, [documents[i] for i in held_out], self.spec.data.context_length,
-                               cycle=False)
+        held_out = documents(self.spec.data, self.spec.training.seed, held_out=True)  # read until enough
+        windows = TokenWindows(self.lm.tokenizer, held_out, self.spec.data.context_length, cycle=False)
         wanted = max(1, self.spec.training.splice_eval_tokens // self.spec.data.context_length)
         picked = [w for _, w in zip(range(wanted), windows, strict=False)]
         if not picked:

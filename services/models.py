@@ -44,7 +44,9 @@ def embedded_model_file() -> Path:
 
 def _source(spec: ModelSpec) -> tuple[str, dict]:
     """The folder and keyword arguments transformers' from_pretrained takes for this model."""
-    path = embedded_model_file() if spec.name == "embedded" else Path(spec.name).expanduser()
+    from services.hub import model_folder
+
+    path = embedded_model_file() if spec.name == "embedded" else Path(model_folder(spec.name))
     kwargs = {"trust_remote_code": spec.trust_remote_code}
     if path.is_file():
         return str(path.parent), {**kwargs, "gguf_file": path.name}

@@ -21,11 +21,22 @@ def start_producers(spec: JobSpec, request: Request) -> list:
     spec_json = spec.model_dump_json()
     options = {**request.options(), "max_restarts": PRODUCER_MAX_RESTARTS, "max_task_retries": PRODUCER_MAX_RESTARTS}
     if spec.data.cache.read is not None:
-        open_cache_for(spec)  # refuse a mismatching cache here, with its message, before any actor starts
+        cache = open_cache_for(spec)  # refuse a mismatching cache here, with its message, before any actor starts
+        check_corpus_size(spec, cache.manifest["tokens"])
         actor = ray.remote(CacheProducer).options(**{**options, "num_gpus": 0})
     else:
         check_remote_code(spec.model)
         if spec.model.trust_remote_code:  # the producers check too: tell them what the server allowed
             options["runtime_env"] = {"env_vars": {ALLOW_REMOTE_CODE_ENV: "1"}}
         actor = ray.remote(ActivationProducer).options(**options)
-    return [actor.remote(spec_json, i, n) for i in range(n)]
+    return [actor.remote(spec_json, i, n, epochs=spec.data.epochs) for i in range(n)]
+
+
+def check_corpus_size(spec: JobSpec, corpus_tokens: int) -> None:
+    """Refuse a job that asks for more tokens than data.epochs passes over a corpus of known size hold."""
+    available = corpus_tokens * spec.data.epochs
+    if spec.total_tokens > available:
+        raise ValueError(f"training.tokens: the job trains on {spec.total_tokens:,} tokens but the corpus holds "
+                         f"{corpus_tokens:,} tokens, {available:,} in data.epochs = {spec.data.epochs}; lower "
+                         f"training.tokens to at most {available:,} or raise data.epochs to "
+                         f"{-(-spec.total_tokens // corpus_tokens)}")

@@ -26,6 +26,7 @@ from api.paths import checked_spec
 from services.buffer import start_buffer
 from services.buffer_stats import log_stats_periodically
 from services.evaluation import SpliceEvaluator
+from services.hub import is_hub_id
 from services.monitor import JobMonitor
 from services.placement import cluster_nodes, local_cpus, plan, trainers_see_cuda
 from services.producer import start_producers
@@ -69,10 +70,11 @@ def new_job_id(name: str) -> str:
 def absolute_paths(spec: JobSpec) -> JobSpec:
     """Local paths made absolute, so actors started in other working directories find them."""
     updates = {}
-    if spec.model.random is None and spec.model.name != "embedded":
+    if spec.model.random is None and spec.model.name != "embedded" and not is_hub_id(spec.model.name):
         updates["model"] = spec.model.model_copy(update={"name": str(Path(spec.model.name).expanduser().resolve())})
     data: dict = {}
-    if spec.data.source != "embedded" and "://" not in spec.data.source and not Path(spec.data.source).is_absolute():
+    if (spec.data.source != "embedded" and "://" not in spec.data.source and not is_hub_id(spec.data.source)
+            and not Path(spec.data.source).is_absolute()):
         data["source"] = str(Path(spec.data.source).resolve())
     cache = {k: str(Path(v).resolve()) for k, v in spec.data.cache.model_dump(include={"read", "write"}).items()
              if v is not None and "://" not in v}
@@ -163,7 +165,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, quiet: bool = False,
             for actor in actors:  # the analysis loads the model itself: free the producers' memory first
                 ray.kill(actor)
             actors.clear()
-            analyze_with_tracking(spec, output_uri, tracking, result, None if on_progress is None else (
+            analyze_with_tracking(spec, job_id, output_uri, tracking, result, None if on_progress is None else (
                 lambda done, total: on_progress(Progress(done, total, 0.0, {}, phase="analysis"))))
         tracking.end("KILLED" if stopped else "FINISHED")
     except BaseException:
@@ -231,6 +233,9 @@ def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, act
 
     info = ray.get(producers[0].info.remote())
     spec.check_against_model(info["num_layers"], info["d_model"])  # raising here kills the actors: fit fails
+    corpus = {"data_epochs": spec.data.epochs, "corpus_tokens": info.get("cache_tokens"),
+              "corpus_documents": info.get("corpus_documents"), "corpus_pieces": info.get("corpus_pieces")}
+    tracking.log_metrics(tracking.parent_run_id, {k: v for k, v in corpus.items() if v is not None}, step=0)
     d_model = info["d_model"]
     for i in range(len(spec.dictionaries)):
         d = spec.dictionaries[i]
@@ -260,6 +265,11 @@ def _run(spec: JobSpec, job_id: str, output_uri: str, tracking: JobTracking, act
     if stopped is not None:
         return {}, stopped
     results = ray.get(monitor.final_results.remote())
+    trained = max((int(r.get("tokens", 0)) for r in results.values()), default=0)
+    if results and trained < spec.total_tokens:  # the stream ended first: said in MLflow and in the result
+        tracking.set_tags(tracking.parent_run_id, {"saeforge.stream_ended": (
+            f"trained {trained:,} of {spec.total_tokens:,} tokens: the corpus ran out after data.epochs = "
+            f"{spec.data.epochs}")})
     buffer_stats = ray.get(buffer.stats.remote())
     tracking.log_metrics(tracking.parent_run_id, {f"buffer_{k}": v for k, v in buffer_stats.items()},
                          step=spec.steps)

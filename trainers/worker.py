@@ -46,28 +46,28 @@ class Dictionary:
     init_info: dict
 
 
-def _fetch(buffer, mesh: ShardMesh, step: int) -> dict[str, np.ndarray]:
+def _fetch(buffer, mesh: ShardMesh, step: int) -> dict[str, np.ndarray] | None:
     """This replica's batch of `step` (number step · replicas + replica of the stream: the shards of a replica
-    share one ObjectRef). The arrays are read-only views of the object store (zero-copy), never written to."""
-    refs = ray.get(buffer.batch.remote(step * mesh.replicas + mesh.replica))
-    if not refs:
-        raise RuntimeError(f"the activation stream ended before step {step}: the data source holds fewer tokens "
-                           "than training.tokens; lower training.tokens or add data")
-    return ray.get(refs[0])
+    share one ObjectRef); None when the stream ended before this step (data.epochs ran out: every rank of the
+    step gets None). The arrays are read-only views of the object store (zero-copy), never written to."""
+    refs = ray.get(buffer.batch.remote(step * mesh.replicas + mesh.replica, mesh.replicas))
+    return ray.get(refs[0]) if refs else None
 
 
 def _build(spec: JobSpec, index: int, sample: np.ndarray, device: torch.device, mesh: ShardMesh) -> Dictionary:
     dictionary = spec.dictionaries[index]
     d_model = sample.shape[1]
     latents = dictionary.resolved_latents(d_model)
-    cfg = sae_config_from_spec({**dictionary.model_dump(), "latents": latents}, d_model)
+    bf16 = use_bf16(spec.training.precision, device)
+    cfg = sae_config_from_spec({**dictionary.model_dump(), "latents": latents}, d_model,
+                               sparse_grads=spec.lazy_adam(index, bf16))
     sae = SparseAutoencoder(cfg, device=device, mesh=mesh)
     generator = torch.Generator().manual_seed(spec.training.seed + index)
     info = sae.initialize(_tensor(sample).to(device), generator=generator)
     accumulation = spec.training.gradient_accumulation_steps
     engine = build_engine(sae, lr=dictionary.resolved_lr(d_model), total_steps=spec.optimizer_steps,
                           warmup_steps=-(-spec.training.warmup_steps // accumulation),  # batches → optimizer steps
-                          zero_stage=spec.cluster.zero_stage, bf16=use_bf16(spec.training.precision, device),
+                          zero_stage=spec.cluster.zero_stage, bf16=bf16,
                           mpu=mesh if mesh.world > 1 else None, gradient_accumulation_steps=accumulation,
                           offload_optimizer=spec.cluster.offload_optimizer)
     tracker = FiringTracker(sae.latent_stop - sae.latent_start, dictionary.dead_window_tokens, device=device)
@@ -103,14 +103,24 @@ def _save_checkpoint(dictionaries: list[Dictionary], mesh: ShardMesh, buffer, st
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _checkpointed_position() -> tuple[int, int]:
-    """(step, tokens) of the checkpoint Ray Train starts this group from; (0, 0) on a fresh start."""
+def _checkpointed_position(spec: JobSpec, mesh: ShardMesh) -> tuple[int, int]:
+    """(step, tokens) of the checkpoint Ray Train starts this group from; (0, 0) on a fresh start.
+
+    A step is one batch of every replica: a checkpoint saved with another number of replicas resumes at the
+    step of this group that has trained the same tokens (and the stream from the same batch)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, 0
     with checkpoint.as_directory() as folder:
         state = json.loads((Path(folder) / STATE_FILE).read_text())
-    return state["step"], state["tokens"]
+    tokens, per_step = state["tokens"], spec.training.batch_tokens * mesh.replicas
+    step, rest = divmod(tokens, per_step)
+    if rest or step % spec.training.gradient_accumulation_steps:
+        raise ValueError(f"the checkpoint at {tokens:,} tokens ({state['replicas']} data-parallel replicas) is not "
+                         f"a whole optimizer step of {mesh.replicas} replicas × training.batch_tokens "
+                         f"({spec.training.batch_tokens}) × training.gradient_accumulation_steps: resume with "
+                         f"{state['replicas']} replicas (cluster.trainer_ranks / cluster.latent_shards)")
+    return step, tokens
 
 
 def _restore_stream(buffer, mesh: ShardMesh, step: int) -> None:
@@ -126,14 +136,15 @@ def _restore_stream(buffer, mesh: ShardMesh, step: int) -> None:
         torch.distributed.barrier()
 
 
-def _restore(dictionaries: list[Dictionary], mesh: ShardMesh) -> None:
-    """Weights, optimizer state, firing statistics and RNG from the checkpoint, if Ray Train passed one."""
+def _restore(dictionaries: list[Dictionary], mesh: ShardMesh, optimizer_step: int) -> None:
+    """Weights, optimizer state, firing statistics and RNG from the checkpoint, if Ray Train passed one; the LR
+    schedule at `optimizer_step` of this group."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return
     with checkpoint.as_directory() as folder:
         for d in dictionaries:
-            checkpoints.load(Path(folder) / d.name, d.engine, mesh, d.tracker)
+            checkpoints.load(Path(folder) / d.name, d.engine, mesh, d.tracker, schedule_step=optimizer_step)
         rng = Path(folder) / f"rng_rank{mesh.rank}.pt"
         if rng.is_file():  # a rank the saving layout did not have keeps its own
             torch.set_rng_state(torch.load(rng))
@@ -152,15 +163,19 @@ def train_worker(config: dict) -> None:
     torch.manual_seed(spec.training.seed)
     buffer, monitor = config["buffer"], config["monitor"]
 
-    start_step, tokens = _checkpointed_position()
+    start_step, tokens = _checkpointed_position(spec, mesh)
     _restore_stream(buffer, mesh, start_step)
     batch = _fetch(buffer, mesh, start_step)
+    if batch is None:
+        raise RuntimeError(f"the activation stream ended before step {start_step}: the corpus holds less than one "
+                           "batch per replica in data.epochs; lower training.batch_tokens, raise data.epochs or "
+                           "add data")
     dictionaries = [_build(spec, i, batch[spec.hook_of(i).name], device, mesh)
                     for i in range(len(spec.dictionaries))]
     if rank == 0:
         for d in dictionaries:
             monitor.report.remote(d.name, 0, 0, {f"init_{k}": float(v) for k, v in d.init_info.items()})
-    _restore(dictionaries, mesh)
+    _restore(dictionaries, mesh, start_step // spec.training.gradient_accumulation_steps)
     if rank == 0 and start_step:  # a restarted worker group or a resumed job: MLflow shows where it took up
         for d in dictionaries:
             monitor.report.remote(d.name, start_step, tokens, {"resumed_from_step": float(start_step)})
@@ -172,6 +187,11 @@ def train_worker(config: dict) -> None:
     for step in range(start_step, total_steps):
         if step > start_step:
             batch = _fetch(buffer, mesh, step)
+            if batch is None:  # data.epochs ran out: the job ends here, with the steps it trained
+                if rank == 0:
+                    for d in dictionaries:
+                        monitor.report.remote(d.name, step, tokens, {"stream_ended_at_step": float(step)})
+                break
         progress = step / total_steps
         for d in dictionaries:
             x = _input(d, batch, device)

@@ -1,4 +1,5 @@
-"""Corpus loading, held-out split, producer slices and packing into windows."""
+"""Corpus pieces and their reading (files, JSONL ranges, Parquet row groups, saved datasets, s3://), held-out
+documents, producer slices and packing into windows."""
 
 import json
 
@@ -6,8 +7,16 @@ import numpy as np
 import pytest
 from transformers import ByT5Tokenizer
 
+import services.data
 from api.jobspec import DataSpec
-from services.data import embedded_documents, load_documents, producer_slice, split_documents
+from services.data import (
+    corpus_pieces,
+    documents,
+    embedded_documents,
+    is_held_out,
+    producer_pieces,
+    read_piece,
+)
 from services.windows import TokenWindows
 
 
@@ -17,12 +26,39 @@ def test_embedded_corpus_is_real_prose():
     assert any("for" in doc and "statement" in doc for doc in documents[:200])
 
 
-def test_split_and_slices_are_disjoint_and_cover():
-    train, held_out = split_documents(list("abcdefghijklmnopqrstuvwxyz"), holdout_fraction=0.1, seed=3)
-    assert not set(train) & set(held_out) and sorted(train + held_out) == list(range(26))
-    slices = [producer_slice(train, i, 3) for i in range(3)]
-    assert sorted(sum(slices, [])) == train
+def load_documents(spec: DataSpec) -> list[str]:
+    """Every document of the corpus, held-out ones included, in corpus order."""
+    return [text for piece in corpus_pieces(spec) for text in read_piece(piece, spec.text_field) if text]
+
+
+def test_held_out_and_producer_slices_are_disjoint_and_cover():
+    spec = DataSpec(holdout_fraction=0.05)
+    pieces = corpus_pieces(spec)
+    train, held_out = list(documents(spec, 3, pieces)), list(documents(spec, 3, pieces, held_out=True))
+    assert sorted(train + held_out) == sorted(embedded_documents())
+    assert 0.03 < len(held_out) / len(embedded_documents()) < 0.07
+    assert held_out == list(documents(spec, 3, held_out=True))  # the same on every reading
+    assert held_out != list(documents(spec, 4, held_out=True))  # ... and chosen by the seed
+    slices = [producer_pieces(pieces, i, 3) for i in range(3)]
+    assert sorted(sum(slices, []), key=pieces.index) == pieces
     assert all(not set(a) & set(b) for i, a in enumerate(slices) for b in slices[i + 1:])
+    assert sorted(sum((list(documents(spec, 3, s)) for s in slices), [])) == sorted(train)
+    with pytest.raises(ValueError, match=r"cluster.producers \(99\): producer 98 gets no piece of the 36"):
+        producer_pieces(pieces, 98, 99)
+    assert not any(is_held_out(pieces[0], i, 0.0, 3) for i in range(100))
+
+
+def test_jsonl_byte_ranges_read_every_line_once(tmp_path, monkeypatch):
+    path = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": f"line {i} " + "x" * (i % 37)}) for i in range(500)]
+    path.write_text("\n".join(lines[:250]) + "\n\n" + "\n".join(lines[250:]))  # a blank line, no final newline
+    monkeypatch.setattr(services.data, "JSONL_PIECE_BYTES", 997)  # ranges that start and end mid-line
+    spec = DataSpec(source=str(path))
+    pieces = corpus_pieces(spec)
+    assert len(pieces) >= 20 and pieces[0].start == 0 and pieces[-1].stop == path.stat().st_size
+    assert load_documents(spec) == [json.loads(line)["text"] for line in lines]
+    piece = pieces[3]
+    assert list(read_piece(piece, "text", 2)) == list(read_piece(piece, "text"))[2:]
 
 
 def test_jsonl_field_and_error(tmp_path):

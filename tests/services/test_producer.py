@@ -47,25 +47,92 @@ def _drain(producer, limit=1000):
     raise AssertionError("stream did not end")
 
 
-def test_slices_of_n_producers_are_disjoint_and_cover_the_training_corpus(corpus):
-    spec = tiny_spec(corpus)
-    producers = [ActivationProducer(spec.model_dump_json(), i, 3, epochs=1) for i in range(3)]
-    from services.data import load_documents, split_documents
+@pytest.fixture(scope="module")
+def pieces_corpus(tmp_path_factory):
+    """Two Parquet files of three row groups and a JSONL file (read in byte ranges): 18 pieces."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    documents = load_documents(spec.data)
-    train, held_out = split_documents(documents, 0.1, 0)
-    slices = [p.train_windows.documents for p in producers]
-    assert sorted(sum(slices, [])) == sorted(documents[i] for i in train)  # cover the training documents
-    assert sum(map(len, slices)) == len(train)  # and disjoint
-    assert not {documents[i] for i in held_out} & set(sum(slices, []))
+    folder = tmp_path_factory.mktemp("pieces")
+    rng = np.random.default_rng(2)
+    words = ["alpha", "beta", "gamma", "delta", "sigma", "omega", "theta"]
+
+    def doc(i):
+        return f"d{i} " + " ".join(rng.choice(words, size=int(rng.integers(5, 40))))
+
+    for f in range(2):
+        pq.write_table(pa.table({"text": [doc(100 * f + i) for i in range(12)]}), folder / f"part{f}.parquet",
+                       row_group_size=4)
+    (folder / "tail.jsonl").write_text("\n".join(json.dumps({"text": doc(300 + i)}) for i in range(10)))
+    return str(folder)
+
+
+def _tokens(tokenizer, docs):
+    return [t for doc in docs for t in tokenizer(doc, add_special_tokens=False)["input_ids"]]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_slices_of_n_producers_are_disjoint_and_cover_the_training_corpus_token_for_token(pieces_corpus, n):
+    from services.data import corpus_pieces, documents, producer_pieces
+
+    spec = tiny_spec(pieces_corpus)
+    pieces = corpus_pieces(spec.data)
+    assert len(pieces) == 2 * 3 + 16
+    producers = [ActivationProducer(spec.model_dump_json(), i, n, epochs=1) for i in range(n)]
+    slices = [list(documents(spec.data, 0, producer_pieces(pieces, i, n))) for i in range(n)]
+    train, held_out = list(documents(spec.data, 0)), list(documents(spec.data, 0, held_out=True))
+    assert sorted(sum(slices, [])) == sorted(train) and len(sum(slices, [])) == len(train)  # cover, disjoint
+    assert held_out and not set(held_out) & set(train)
     tokenizer = producers[0].lm.tokenizer
     for index, producer in enumerate(producers):
         stream = _drain(producer)
-        expected = [t for doc in slices[index] for t in tokenizer(doc, add_special_tokens=False)["input_ids"]]
+        expected = _tokens(tokenizer, slices[index])
         got = stream[TOKEN_IDS].tolist()
         assert got == expected[:len(got)] and len(expected) - len(got) < spec.data.context_length
         assert stream[ROW_IDS].tolist() == [(index << 40) + i for i in range(len(got))]
         assert stream[RESID].shape == (len(got), 16) and stream[ATTN].dtype == np.float32
+
+
+def test_a_restarted_producer_resumes_mid_file_from_its_cursor(pieces_corpus, monkeypatch):
+    import services.windows
+
+    spec = tiny_spec(pieces_corpus)
+    straight = ActivationProducer(spec.model_dump_json(), 0, 2, epochs=1)
+    metas, batches = zip(*[straight.next_batch() for _ in range(5)], strict=True)
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in (RESID, TOKEN_IDS, ROW_IDS)}
+    cursor = metas[2]["cursor"]  # where the third batch ended: inside some document of some piece
+    assert 0 < cursor["row"] <= 3 * 96 and (cursor["piece"], cursor["doc"]) != (0, 0)
+    reads = []
+    original = services.windows.read_piece
+    monkeypatch.setattr(services.windows, "read_piece",
+                        lambda piece, field, first=0: reads.append((piece, first)) or original(piece, field, first))
+    restarted = ActivationProducer(spec.model_dump_json(), 0, 2, epochs=1)  # a fresh producer, as after a restart
+    meta, batch = restarted.next_batch(3 * 96, cursor)
+    assert meta["offset"] == 3 * 96 and meta["seeks"] == 1 and meta["tokens"] == 96
+    np.testing.assert_array_equal(batch[TOKEN_IDS], rows[TOKEN_IDS][288:384])  # no token lost, none repeated
+    np.testing.assert_array_equal(batch[ROW_IDS], rows[ROW_IDS][288:384])
+    np.testing.assert_allclose(batch[RESID], rows[RESID][288:384], rtol=1e-5, atol=1e-5)
+    assert reads[0] == (restarted.train_windows.pieces[cursor["piece"]], cursor["doc"])  # read from the cursor on
+    assert metas[4]["cursor"]["row"] <= 5 * 96 and meta["cursor"]["row"] <= 4 * 96
+
+
+def test_two_epochs_stream_every_document_twice_the_second_in_another_order(pieces_corpus):
+    from services.data import documents
+
+    spec = tiny_spec(pieces_corpus)
+    producer = ActivationProducer(spec.model_dump_json(), 0, 1, epochs=2)
+    stream = _drain(producer)
+    windows = producer.train_windows
+    order = windows.order(1)
+    assert order != windows.order(0) and sorted(order) == windows.order(0)
+    first = list(documents(spec.data, 0, windows.pieces))
+    second = list(documents(spec.data, 0, [windows.pieces[i] for i in order]))
+    assert sorted(first) == sorted(second)
+    tokenizer = producer.lm.tokenizer
+    expected = _tokens(tokenizer, first + second)
+    got = stream[TOKEN_IDS].tolist()
+    assert got == expected[:len(got)] and len(expected) - len(got) < spec.data.context_length
+    assert producer.next_batch()[0]["end"]
 
 
 def test_seek_gives_the_rows_of_an_uninterrupted_stream(corpus):
@@ -109,7 +176,7 @@ def test_windows_over_epochs():
 
 
 def test_cache_producer_serves_the_cached_rows_and_refuses_a_mismatch(corpus, tmp_path):
-    spec = tiny_spec(corpus)
+    spec = tiny_spec(corpus, data={"holdout_fraction": 0.3})  # held-out documents are drawn: 3 of these 24
     producer = ActivationProducer(spec.model_dump_json(), epochs=1)
     info = producer.info()
     stream = _drain(producer)
@@ -120,7 +187,8 @@ def test_cache_producer_serves_the_cached_rows_and_refuses_a_mismatch(corpus, tm
     writer.add(stream)
     writer.add_held_out(producer.held_out_batch(64))
     writer.close()
-    reading = tiny_spec(corpus, data={"cache": {"read": str(tmp_path / "cache"), "shuffle_shards": 2}})
+    reading = tiny_spec(corpus, data={"cache": {"read": str(tmp_path / "cache"), "shuffle_shards": 2},
+                                      "holdout_fraction": 0.3})
     readers = [CacheProducer(reading.model_dump_json(), i, 2, epochs=1) for i in range(2)]
     assert readers[0].info()["d_model"] == 16 and readers[0].info()["num_layers"] == 2
     got = [_drain(r) for r in readers]
