@@ -260,8 +260,8 @@ class Service:
         self.ray: RayJobs | None = None
         self.scheduler: Scheduler | None = None
         self.startup_error: str | None = None
-        self._starter = threading.Thread(target=self._connect, name="saeforge-connect", daemon=True)
         self._ray_capacity: dict[str, float] | None = None
+        self._starter = threading.Thread(target=self._connect, name="saeforge-connect", daemon=True)
 
     def start(self) -> None:
         if not self.settings.tokens:
@@ -366,16 +366,16 @@ class Service:
         if spec.cluster.ray_address is not None:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "cluster.ray_address: the service chooses the Ray "
                                 "cluster; remove this field")
-        shape = model_shape(spec)
         if spec.total_tokens > settings.max_tokens:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"training.tokens ({spec.training.tokens:,}) is more "
                                 f"than this service runs in one job ({settings.max_tokens:,}, SAEFORGE_MAX_TOKENS); "
                                 "lower it or split the job")
+        shape = model_shape(spec)
         if shape is not None:
             try:
                 spec.check_against_model(*shape)
-            except ValueError as error:
                 check_capacity(spec, shape[1], self.capacity())
+            except ValueError as error:
                 raise HTTPException(status.HTTP_400_BAD_REQUEST, str(error)) from None
         job_id = new_job_id(spec.name)
         if spec.output.uri is None:  # the job's own folder under the output root (local or s3://)
@@ -402,7 +402,7 @@ def owner_of(request: Request, credentials: Annotated[HTTPAuthorizationCredentia
 
 
 Owner = Annotated[str, Depends(owner_of)]
-JobId = Annotated[str, PathParam(min_length=1, max_length=200)]
+JobId = Annotated[str, PathParam(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 Experiment = Annotated[str, Query(min_length=1, max_length=256, description="MLflow experiment name")]
 CompareJob = Annotated[str | None, Query(max_length=200, description="only this job's dictionaries")]
 
