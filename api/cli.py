@@ -75,16 +75,6 @@ def command_run(args: argparse.Namespace) -> int:
     except JobSpecError as error:
         print(error, file=sys.stderr)
         return 2
-    from services.runner import run_job
-
-    show, close = _progress_printer() if not args.quiet else (None, lambda: None)
-    try:
-        result = run_job(spec, job_id=args.job_id, quiet=True, on_progress=show, resume=args.resume,
-                         stop_at_step=args.stop_at_step)
-    except ValueError as error:  # a rule that needed the model (layer beyond depth, ...)
-        close()
-        print(f"job rejected: {error}", file=sys.stderr)
-        return 2
     if args.plan:
         from services.placement import PlacementError, nodes_for, plan
 
@@ -99,6 +89,16 @@ def command_run(args: argparse.Namespace) -> int:
     try:  # what the service refuses at submission (model rules known without loading it, memory per rank)
         check_local_run(spec)
     except ValueError as error:
+        print(f"job rejected: {error}", file=sys.stderr)
+        return 2
+    from services.runner import run_job
+
+    show, close = _progress_printer() if not args.quiet else (None, lambda: None)
+    try:
+        result = run_job(spec, job_id=args.job_id, quiet=True, on_progress=show, resume=args.resume,
+                         stop_at_step=args.stop_at_step)
+    except ValueError as error:  # a rule that needed the model (layer beyond depth, ...)
+        close()
         print(f"job rejected: {error}", file=sys.stderr)
         return 2
     close()
