@@ -14,11 +14,18 @@ def _progress_printer():
     bar: dict = {}
 
     def show(progress) -> None:
-        if "bar" not in bar:
-            bar["bar"] = tqdm(total=progress.tokens_total, unit="tok", unit_scale=True, desc="training",
+        phase = getattr(progress, "phase", "training")
+        if bar.get("phase") != phase:  # training, then analysis: a bar each
+            if "bar" in bar:
+                bar["bar"].close()
+            bar["bar"] = tqdm(total=progress.tokens_total, unit="tok", unit_scale=True, desc=phase,
                               dynamic_ncols=True)
+            bar["phase"] = phase
         b = bar["bar"]
         b.update(progress.tokens_done - b.n)
+        if phase != "training":
+            b.refresh()
+            return
         first = next(iter(progress.latest.values()), {})
         b.set_postfix({"tok/s": f"{progress.tokens_per_s:,.0f}", "FVU": f"{first.get('fvu', float('nan')):.3f}",
                        "L0": f"{first.get('l0', float('nan')):.1f}"}, refresh=True)
@@ -51,6 +58,9 @@ def summary(result) -> str:
             f"  firing plot       {r.get('firing_plot')}",
             f"  MLflow run        {result.child_runs.get(name)}",
         ]
+        if r.get("analysis_uri"):
+            lines.append(f"  analysis          {r['analysis_uri']}   (latent pages: `saeforge serve`, then "
+                         f"/jobs/{result.job_id}/dictionaries/{name})")
     lines += [f"MLflow job run    {result.mlflow_run_id} (experiment {result.experiment_id})",
               f"open the MLflow UI: {result.mlflow_ui}"]
     return "\n".join(lines)
@@ -108,6 +118,57 @@ def command_run(args: argparse.Namespace) -> int:
               f"`saeforge run JOB --resume --job-id {result.job_id}`")
         return 0
     print(summary(result))
+    return 0
+
+
+def command_analyze(args: argparse.Namespace) -> int:
+    """Analyse a finished job's dictionaries (services/analysis.py): JOB is a job id under $SAEFORGE_HOME or the
+    job's output folder / URI (it holds the job.yaml the job ran with)."""
+    from pathlib import Path
+
+    import yaml
+
+    from services.analysis import analyze_job
+    from services.runner import service_home
+    from storage.uri import filesystem, join
+
+    output = args.job if "://" in args.job or Path(args.job).is_dir() else str(service_home() / args.job)
+    fs, path = filesystem(output)
+    try:
+        with fs.open(join(path, "job.yaml")) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        print(f"saeforge analyze: no job.yaml under {output}; give a job id under $SAEFORGE_HOME "
+              f"({service_home()}) or the job's output folder or URI", file=sys.stderr)
+        return 2
+    if args.tokens is not None:
+        data.setdefault("analysis", {})["tokens"] = args.tokens
+    try:
+        spec = parse_job_spec(data)
+    except JobSpecError as error:
+        print(error, file=sys.stderr)
+        return 2
+    bar: dict = {}
+
+    def show(done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, unit="tok", unit_scale=True, desc="analysis", dynamic_ncols=True)
+        bar["bar"].update(done - bar["bar"].n)
+
+    try:
+        manifests = analyze_job(spec, output, names=args.dictionary, on_progress=None if args.quiet else show)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"saeforge analyze: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if "bar" in bar:
+            bar["bar"].close()
+    job_id = Path(path).name
+    for name, m in manifests.items():
+        print(f"dictionary {name}: {m['tokens']:,} tokens, {m['latents']:,} latents analysed in {m['seconds']:.1f} s "
+              f"-> {join(output, 'analysis', name)}   (pages: /jobs/{job_id}/dictionaries/{name})")
     return 0
 
 
@@ -326,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
                           "spec's / RAY_ADDRESS cluster, and exit")
     run.add_argument("--gpus", type=int, help="with --plan: plan for one node with this many GPUs instead")
     run.set_defaults(handler=command_run)
+
+    analyze = commands.add_parser("analyze", help="analyse a finished job's dictionaries (latent pages, Parquet)")
+    analyze.add_argument("job", help="job id under $SAEFORGE_HOME, or the job's output folder / URI")
+    analyze.add_argument("--dictionary", action="append", help="only this dictionary (repeatable)")
+    analyze.add_argument("--tokens", type=int, help="held-out tokens to stream (default: the job's analysis.tokens)")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bar")
+    analyze.set_defaults(handler=command_analyze)
 
     serve = commands.add_parser("serve", help="run the job service (HTTP API); see docs/service.md")
     serve.add_argument("--host", default="127.0.0.1")

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from trainers.kernels import _sort_threads
+
 EXACT_NEIGHBOURS_LATENTS = 131_072
 _M31 = (1 << 31) - 1
 
@@ -56,7 +58,10 @@ def group_ranks(groups: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class TopSlots:
-    """The N best entries per latent by score, kept sorted (descending), with their payload."""
+    """The N best entries per latent by score, with their payload; slots are unordered (`sorted()` orders them).
+
+    An entering entry takes the slot of the one it evicts, so a batch writes the contexts of the entries that
+    enter only — never moving the [M, N, C] context block."""
     scores: Tensor  # [M, N] float32, -inf where empty
     values: Tensor  # [M, N] float32 activation
     positions: Tensor  # [M, N] int64 global token position, -1 where empty
@@ -70,59 +75,76 @@ class TopSlots:
                    torch.zeros(latents, n, context, dtype=torch.float16, device=device))
 
     def candidates(self, latents: Tensor, scores: Tensor) -> Tensor:
-        """Indices of the entries that can enter: above their latent's current N-th score, and among the N best
+        """Indices of the entries that can enter: above their latent's current lowest score, and among the N best
         of their latent in this batch."""
         n = self.scores.shape[1]
-        better = torch.nonzero(scores > self.scores[latents, n - 1]).squeeze(1)
+        better = torch.nonzero(scores > self.scores[latents].min(dim=1).values).squeeze(1)
         if better.numel() == 0:
             return better
         order, rank = group_ranks(latents[better], scores[better])
         return better[order[rank < n]]
 
-    def merge(self, latents: Tensor, scores: Tensor, values: Tensor, positions: Tensor, contexts: Tensor) -> None:
-        """Merge candidate entries (at most N per latent, as `candidates` returns) into the slots."""
-        if latents.numel() == 0:
-            return
+    def merge(self, latents: Tensor, scores: Tensor, values: Tensor, positions: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor]:
+        """Merge candidate entries (at most N per latent, as `candidates` returns); returns (entered, rows, slots):
+        the indices of the candidates that entered and the (latent, slot) each took, for their contexts."""
         n = self.scores.shape[1]
-        touched, slot_of = torch.unique(latents, return_inverse=True)
-        order, rank = group_ranks(slot_of, scores)
+        empty = latents.new_zeros(0)
+        if latents.numel() == 0:
+            return empty, empty, empty
+        touched, row_of = torch.unique(latents, return_inverse=True)
+        order, rank = group_ranks(row_of, scores)
         column = torch.empty_like(rank)
         column[order] = rank  # the entry's place among its latent's candidates
         u = len(touched)
         new_scores = torch.full((u, n), float("-inf"), device=scores.device)
-        new_scores[slot_of, column] = scores
-        new_values = torch.zeros(u, n, device=scores.device)
-        new_values[slot_of, column] = values
-        new_positions = torch.full((u, n), -1, dtype=torch.long, device=scores.device)
-        new_positions[slot_of, column] = positions
-        new_contexts = torch.zeros(u, n, contexts.shape[1], dtype=torch.float16, device=scores.device)
-        new_contexts[slot_of, column] = contexts.to(torch.float16)
-        all_scores = torch.cat([self.scores[touched], new_scores], 1)
-        best = torch.topk(all_scores, n, dim=1, sorted=True).indices
-        self.scores[touched] = all_scores.gather(1, best)
-        self.values[touched] = torch.cat([self.values[touched], new_values], 1).gather(1, best)
-        self.positions[touched] = torch.cat([self.positions[touched], new_positions], 1).gather(1, best)
-        both = torch.cat([self.contexts[touched], new_contexts], 1)
-        self.contexts[touched] = both.gather(1, best[:, :, None].expand(-1, -1, both.shape[2]))
+        new_scores[row_of, column] = scores
+        candidate = torch.full((u, n), -1, dtype=torch.long, device=scores.device)
+        candidate[row_of, column] = torch.arange(len(latents), device=scores.device)
+        both = torch.cat([self.scores[touched], new_scores], 1)
+        kept = torch.zeros_like(both, dtype=torch.bool).scatter_(1, both.topk(n, dim=1).indices, True)
+        entering = kept[:, n:] & (candidate >= 0)
+        evicted = ~kept[:, :n]  # as many per row as entering, or more (empty slots lost to empty candidates)
+        enter_row, enter_col = torch.nonzero(entering, as_tuple=True)
+        evict_row, evict_slot = torch.nonzero(evicted, as_tuple=True)
+        enter_rank = torch.arange(len(enter_row), device=scores.device) - (
+            torch.cumsum(entering.sum(1), 0) - entering.sum(1))[enter_row]
+        evict_start = torch.cumsum(evicted.sum(1), 0) - evicted.sum(1)
+        slot = evict_slot[evict_start[enter_row] + enter_rank]
+        entered = candidate[enter_row, enter_col]
+        rows = touched[enter_row]
+        self.scores[rows, slot] = scores[entered]
+        self.values[rows, slot] = values[entered]
+        self.positions[rows, slot] = positions[entered]
+        return entered, rows, slot
+
+    def sorted(self) -> TopSlots:
+        """The same entries, by score descending per latent (empty slots last)."""
+        order = torch.argsort(self.scores, dim=1, descending=True, stable=True)
+        c = self.contexts.shape[2]
+        return TopSlots(self.scores.gather(1, order), self.values.gather(1, order), self.positions.gather(1, order),
+                        self.contexts.gather(1, order[:, :, None].expand(-1, -1, c)))
 
 
-def context_activations(values: Tensor, indices: Tensor, flat: Tensor, latents: Tensor, window: int,
-                        before: int, after: int) -> Tensor:
-    """[E, before + 1 + after]: the activation of latents[e] at the positions around flat[e] (the same window only).
+class BatchLookup:
+    """The activation of (token, latent) pairs of one batch, by binary search over its sorted firings."""
 
-    values / indices: [T, k] sparse activations of the batch's T = windows · window tokens (row-major).
-    """
-    offsets = torch.arange(-before, after + 1, device=flat.device)
-    where = flat[:, None] + offsets  # [E, C]
-    same_window = (where >= 0) & (where < values.shape[0]) & (where.div(window, rounding_mode="floor")
-                                                               == flat.div(window, rounding_mode="floor")[:, None])
-    safe = where.clamp(0, values.shape[0] - 1)
-    out = torch.zeros(where.shape, device=values.device)
-    for start in range(0, len(flat), 4096):  # [chunk, C, k] comparisons at a time
-        part = slice(start, start + 4096)
-        match = indices[safe[part]] == latents[part, None, None]
-        out[part] = (values[safe[part]] * match).sum(-1)
-    return out * same_window
+    def __init__(self, token: Tensor, latents: Tensor, acts: Tensor, num_latents: int, tokens: int, window: int):
+        self.keys, order = (token * num_latents + latents).sort()
+        self.acts = acts[order]
+        self.num_latents, self.tokens, self.window = num_latents, tokens, window
+
+    def contexts(self, flat: Tensor, latents: Tensor, before: int, after: int) -> Tensor:
+        """[E, before + 1 + after]: latents[e]'s activation at the positions around flat[e] (its window only)."""
+        if flat.numel() == 0 or self.keys.numel() == 0:
+            return torch.zeros(len(flat), before + 1 + after, device=flat.device)
+        where = flat[:, None] + torch.arange(-before, after + 1, device=flat.device)  # [E, C]
+        inside = (where >= 0) & (where < self.tokens) & (
+            where.div(self.window, rounding_mode="floor") == flat.div(self.window, rounding_mode="floor")[:, None])
+        query = where.clamp(0, self.tokens - 1) * self.num_latents + latents[:, None]
+        at = torch.searchsorted(self.keys, query).clamp_(max=len(self.keys) - 1)
+        found = (self.keys[at] == query) & inside
+        return torch.where(found, self.acts[at], torch.zeros((), device=flat.device))
 
 
 class LatentStatistics:
@@ -152,7 +174,13 @@ class LatentStatistics:
     def update(self, values: Tensor, indices: Tensor, first_position: int, window: int, keep: Tensor) -> None:
         """One batch: values / indices [T, k] (the sparse code of T = windows · window tokens, row-major; zero
         values are no firing), their global positions first_position + arange(T); `keep` [T] False at special
-        tokens (BOS/EOS/padding), which neither count nor fire (their context activations show as 0)."""
+        tokens (BOS/EOS/padding), which neither count nor fire (their context activations show as 0).
+        On CPU on one thread: the update is sorts, gathers and scatters of ~10⁵ entries, which torch runs far
+        slower across busy threads (see trainers.kernels._sort_threads)."""
+        with _sort_threads(values):
+            self._update(values, indices, first_position, window, keep)
+
+    def _update(self, values: Tensor, indices: Tensor, first_position: int, window: int, keep: Tensor) -> None:
         values = values.float() * keep[:, None]
         self.tokens += int(keep.sum())
         token, slot = torch.nonzero(values > 0, as_tuple=True)
@@ -165,11 +193,13 @@ class LatentStatistics:
         self._histogram(latents, acts)
         positions = token + first_position
         keys = sample_keys(positions, latents)
+        lookup = BatchLookup(token, latents, acts, self.latents, len(values), window)
         for slots, scores in ((self.top, acts), (self.sample, keys)):
             chosen = slots.candidates(latents, scores)
-            contexts = context_activations(values, indices, token[chosen], latents[chosen], window,
-                                           self.before, self.after)
-            slots.merge(latents[chosen], scores[chosen], acts[chosen], positions[chosen], contexts)
+            entered, rows, slot = slots.merge(latents[chosen], scores[chosen], acts[chosen], positions[chosen])
+            entered = chosen[entered]
+            slots.contexts[rows, slot] = lookup.contexts(token[entered], latents[entered], self.before,
+                                                         self.after).to(torch.float16)
 
     def _histogram(self, latents: Tensor, acts: Tensor) -> None:
         _, exponents = torch.frexp(acts)  # acts < 2^exponent
@@ -196,15 +226,17 @@ class LatentStatistics:
     def mean(self) -> Tensor:
         return torch.where(self.count > 0, self.total / self.count.clamp_min(1), torch.zeros_like(self.total))
 
+    def top_examples(self) -> TopSlots:
+        """The top-N firings, by activation (descending) per latent; empty slots (position -1) last."""
+        return self.top.sorted()
+
     def quantile_examples(self) -> TopSlots:
-        """The sampled firings, sorted by activation (descending) per latent."""
-        values = torch.where(self.sample.positions >= 0, self.sample.values, torch.full_like(self.sample.values,
-                                                                                         float("-inf")))
-        order = torch.argsort(values, dim=1, descending=True)
-        c = self.sample.contexts.shape[2]
-        return TopSlots(values.gather(1, order), self.sample.values.gather(1, order),
-                        self.sample.positions.gather(1, order),
-                        self.sample.contexts.gather(1, order[:, :, None].expand(-1, -1, c)))
+        """The sampled firings, sorted by activation (descending) per latent; empty slots last."""
+        filled = self.sample.positions >= 0
+        by_value = TopSlots(torch.where(filled, self.sample.values, torch.full_like(self.sample.values,
+                                                                                   float("-inf"))),
+                            self.sample.values, self.sample.positions, self.sample.contexts)
+        return by_value.sorted()
 
 
 def sparse_code(x: Tensor, tensors: dict[str, Tensor], architecture: str, k: int | None,

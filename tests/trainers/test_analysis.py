@@ -60,16 +60,17 @@ def test_counts_means_maxima_match_a_dense_computation():
 
 def test_top_n_has_the_same_positions_values_and_contexts_as_a_brute_force():
     stats, z = _run(1)
+    top = stats.top_examples()
     for latent in range(M):
         column = z[:, latent]
         fired = torch.nonzero(column > 0).squeeze(1)
         best = fired[torch.argsort(column[fired], descending=True)][:N]
-        got = stats.top.positions[latent]
+        got = top.positions[latent]
         assert got[: len(best)].tolist() == best.tolist(), f"latent {latent}: top positions differ"
         assert (got[len(best):] == -1).all()
-        assert torch.allclose(stats.top.values[latent, : len(best)], column[best])
+        assert torch.allclose(top.values[latent, : len(best)], column[best])
         for slot, position in enumerate(best.tolist()):
-            np.testing.assert_allclose(stats.top.contexts[latent, slot].float().numpy(),
+            np.testing.assert_allclose(top.contexts[latent, slot].float().numpy(),
                                        _context(z, position, latent), atol=4e-3, rtol=2e-3)
 
 
@@ -84,6 +85,9 @@ def test_the_quantile_sample_is_the_firings_with_the_largest_keys_sorted_by_acti
         assert sorted(got.tolist()) == sorted(chosen.tolist()), f"latent {latent}: sampled firings differ"
         values = sample.values[latent, : len(got)]
         assert torch.all(values[:-1] >= values[1:]), "quantile examples are sorted by activation"
+        for slot, position in enumerate(got.tolist()):
+            np.testing.assert_allclose(sample.contexts[latent, slot].float().numpy(),
+                                       _context(z, position, latent), atol=4e-3, rtol=2e-3)
 
 
 def test_sample_keys_look_uniform():
