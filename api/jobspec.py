@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +24,17 @@ Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # A Hugging Face hub id, optionally at a revision: org/name[@revision] (a relative path that exists wins).
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,128})?")
+
+
+def trained_tokens(tokens: int, batch_tokens: int, replicas: int, accumulation: int) -> int:
+    """Tokens a job trains on: whole optimizer steps (`accumulation` batches of every replica) within `tokens`."""
+    per_step = batch_tokens * replicas * accumulation
+    return tokens // per_step * per_step
+
+
+def new_job_id(name: str) -> str:
+    """A job's id: its spec's name, the UTC time and 8 random hex digits (the API's jobs and `saeforge run`)."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
 
 
 def _hub_id(name: str) -> bool:
@@ -229,7 +242,7 @@ class DictionarySpec(Strict):
 class TrainingSpec(Strict):
     # Upper bounds here are what no machine runs (the service has its own, tighter SAEFORGE_MAX_TOKENS);
     # they keep absurd numbers from reaching torch, numpy and the database as overflows.
-    tokens: Annotated[int, Field(gt=0, le=10**13)] = 600_000
+    tokens: Annotated[int, Field(gt=0, le=10**13)] = 393_216  # 96 steps: one pass over the embedded corpus
     batch_tokens: Annotated[int, Field(gt=0, le=1_048_576)] = 4096
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     warmup_steps: Annotated[int, Field(ge=0, le=10**9)] = 20
@@ -409,7 +422,8 @@ class JobSpec(Strict):
     @property
     def total_tokens(self) -> int:
         """Tokens the job trains on: whole steps of every replica."""
-        return self.steps * self.training.batch_tokens * self.replicas
+        return trained_tokens(self.training.tokens, self.training.batch_tokens, self.replicas,
+                              self.training.gradient_accumulation_steps)
 
     def lazy_adam(self, index: int, bf16: bool) -> bool:
         """Whether dictionary `index` trains with the touched-row optimizer (trainers/optim.py) or dense Adam.
