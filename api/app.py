@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -30,8 +29,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from api.auth import Authenticator
 from api.capacity import Capacity, check_capacity, cluster_capacity, model_shape
-from api.jobspec import JobSpec
-from api.pages import router as pages_router
+from api.jobspec import JobSpec, new_job_id
 from api.paths import PathPolicyError, check_spec_uris, walk_uris
 from api.progress import progress, snapshot
 from api.rayjobs import RayJobs, RayUnavailable, start_local_ray
@@ -243,10 +241,6 @@ def parse_body(body: bytes) -> Any:
     return data
 
 
-def new_job_id(name: str) -> str:
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
-
-
 # --- the service -------------------------------------------------------------------------------------------
 class Service:
     """Everything a request needs; built when the app starts."""
@@ -429,8 +423,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(_Invalid)
     async def _invalid_spec(_request: Request, error: _Invalid) -> JSONResponse:
         return _validation_response(error.items)
-
-    app.include_router(pages_router)  # the analysis: JSON routes and the latent pages (api/pages.py)
 
     @app.get("/healthz", response_model=Health, tags=["health"], summary="liveness")
     def healthz() -> Health:

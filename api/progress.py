@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from api.jobspec import trained_tokens
 from services.tracking import find_job_runs, run_url
 
 DEFAULT_UI = "http://127.0.0.1:5000"
@@ -14,9 +15,9 @@ DEFAULT_UI = "http://127.0.0.1:5000"
 def tokens_total(spec: dict[str, Any]) -> int:
     """The tokens a stored JobSpec trains on (JobSpec.total_tokens, from the dict: its files may be gone)."""
     training, cluster = spec.get("training", {}), spec.get("cluster", {})
-    batch = max(int(training.get("batch_tokens", 1)), 1)
     replicas = max(int(cluster.get("trainer_ranks", 1)) // max(int(cluster.get("latent_shards", 1)), 1), 1)
-    return int(training.get("tokens", 0)) // (batch * replicas) * batch * replicas
+    return trained_tokens(int(training.get("tokens", 0)), max(int(training.get("batch_tokens", 1)), 1), replicas,
+                          max(int(training.get("gradient_accumulation_steps", 1)), 1))
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:

@@ -218,8 +218,3 @@ class JobStore:
         with self.engine.begin() as connection:
             connection.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running")
                                .values(cancel_requested=True, updated_at=time.time()))
-
-    def set_message(self, job_id: str, message: str | None) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(update(jobs).where(jobs.c.id == job_id).values(message=message,
-                                                                                updated_at=time.time()))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import tempfile
 import threading
 import time
@@ -21,7 +20,7 @@ import numpy as np
 import ray
 import yaml
 
-from api.jobspec import JobSpec
+from api.jobspec import JobSpec, new_job_id
 from api.paths import checked_spec
 from services.buffer import start_buffer
 from services.buffer_stats import log_stats_periodically
@@ -61,10 +60,6 @@ class Progress:
 
 def service_home() -> Path:
     return Path(os.environ.get("SAEFORGE_HOME", "runs")).resolve()
-
-
-def new_job_id(name: str) -> str:
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def absolute_paths(spec: JobSpec) -> JobSpec:

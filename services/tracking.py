@@ -115,10 +115,6 @@ class JobTracking:
             if run_id is not None:
                 self.client.set_terminated(run_id, status=status)
 
-    def run_url(self, run_id: str) -> str:
-        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
-
 
 def find_job_runs(client: MlflowClient, experiment: str, job_id: str) -> tuple[Any, list[Any]]:
     """The newest parent run tagged saeforge.job_id = job_id in the experiment, and its child runs (one per

@@ -55,10 +55,6 @@ class FiringTracker:
     def dense_fraction(self, above: float = 0.1) -> float:
         return float((self.firing_frequencies() > above).float().mean())
 
-    def reset_counts(self) -> None:
-        self.fire_counts.zero_()
-        self.tokens_counted = 0
-
 
 def l0(acts: Tensor, threshold: float = 0.0) -> float:
     """Mean number of active latents per token."""
