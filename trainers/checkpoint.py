@@ -124,9 +124,14 @@ def _rows(folder: Path, shards: int, latents: int, start: int, stop: int) -> lis
     return parts
 
 
-def load(folder: Path, engine, mesh: ShardMesh, tracker: FiringTracker) -> int:
+def load(folder: Path, engine, mesh: ShardMesh, tracker: FiringTracker, schedule_step: int | None = None) -> int:
     """Set this rank's part of a dictionary's state from a checkpoint written with any number of shards;
-    returns the optimizer step it was saved at."""
+    returns the optimizer step it was saved at.
+
+    `schedule_step`: the optimizer step the LR schedule (and DeepSpeed's step counter) resumes at, when it
+    differs from the saved one — a job resumed with another number of data-parallel replicas has trained the
+    same tokens in another number of steps, and its schedule (built for this layout's total) must stand at the
+    same fraction of training. Adam's own step count (its bias correction) stays the updates it has applied."""
     module = engine.module
     shared = torch.load(folder / SHARED_FILE, map_location="cpu")
     if shared["latents"] != module.cfg.latents:
@@ -147,10 +152,16 @@ def load(folder: Path, engine, mesh: ShardMesh, tracker: FiringTracker) -> int:
     for name in COUNTERS:
         getattr(tracker, name).copy_(torch.cat([p["saved"]["counters"][name][p["slice"]] for p in parts]))
     tracker.tokens_counted = shared["tokens_counted"]
+    global_steps = shared["global_steps"] if schedule_step is None else schedule_step
     if shared["scheduler"] is not None and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(shared["scheduler"])
-        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+        schedule = engine.lr_scheduler
+        schedule.load_state_dict(shared["scheduler"])
+        if global_steps != schedule.last_epoch:  # LambdaLR: the rate is a function of the position
+            schedule.last_epoch = global_steps
+            schedule._last_lr = [base * factor(global_steps)
+                                 for base, factor in zip(schedule.base_lrs, schedule.lr_lambdas, strict=True)]
+        for group, lr in zip(engine.optimizer.param_groups, schedule.get_last_lr(), strict=True):
             group["lr"] = lr  # load_state_dict restores the schedule's position, not the rate it last set
-    engine.global_steps = shared["global_steps"]
-    engine.global_samples = shared["global_steps"] * engine.train_batch_size()
+    engine.global_steps = global_steps
+    engine.global_samples = global_steps * engine.train_batch_size()
     return shared["optimizer_step"]

@@ -66,7 +66,7 @@ class SAEConfig:
     batchtopk_row_cap: int | None = None  # None: 4·k
     batchtopk_threshold_lr: float = 0.01  # EMA rate of the inference threshold (as SAELens)
     encoder_chunk: int = 8192  # latents per encoder chunk (memory O(N·chunk))
-    sparse_grads: bool = False  # W_enc/W_dec grads as sparse COO (torch.optim.SparseAdam); not for DeepSpeed
+    sparse_grads: bool = False  # W_enc/W_dec grads as row-sparse COO, for trainers.optim.RowSparseAdam
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
