@@ -606,3 +606,29 @@ def test_defaults_hold_no_credentials():
     assert values["api"]["auth"]["tokens"] == {}
     assert values["api"]["database"]["url"] == ""
     assert values["mlflow"]["backendStore"]["uri"] == ""
+
+
+@pytest.mark.parametrize("values_file", CI_FILES)
+def test_the_rendered_path_policy_is_one_the_service_starts_with(helm, values_file):
+    """The API's environment from the chart (roots, S3 prefixes, per-rank budget) parses into the settings the
+    service runs with; PostgreSQL mode: the store URL comes from the Secret, and the policy allows the job
+    folders under the output root."""
+    from api.settings import Settings
+
+    docs = render(helm, values_file)
+    api = api_container(docs)
+    env = {k: v[1] for k, v in effective_env(docs, api).items() if v[0] == "configmap"}
+    settings = Settings.from_env({**env, "SAEFORGE_HOME": "/tmp/saeforge-chart-test"})
+    policy = settings.paths
+    assert policy.output_root == settings.output_root
+    from api.paths import Uri
+
+    assert policy.check(settings.output_root.rstrip("/") + "/job-1", Uri("write", "output"), "output.uri")
+    if values_file == "postgres-s3-values.yaml":
+        assert env["SAEFORGE_S3_PREFIXES"] == "read:s3://public-corpora/web,write:s3://team-scratch/saeforge"
+        assert settings.rank_memory_bytes == 80 * 2**30
+        assert policy.check("s3://saeforge-data/c4.jsonl", Uri("read", "data"), "data.source")
+        assert policy.check("s3://team-scratch/saeforge/x", Uri("write", "output"), "output.uri")
+        with pytest.raises(ValueError, match=r"rule: s3-prefix"):
+            policy.check("s3://public-corpora/web/x", Uri("write", "output"), "output.uri")
+        assert effective_env(docs, api)["SAEFORGE_DATABASE_URL"][0] == "secret"
