@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 # processes and ~85 CPU-seconds, so 20 cost at least 14 minutes of both cores of a 2-core machine.
 export SAEFORGE_TEST_LOAD_JOBS ?= 20
 
-.PHONY: run test test-load lint install
+.PHONY: run test test-load test-image lint install
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,7 @@ test: $(VENV)/.installed-dev .tools/bin/helm
 	# slow tests one file per process: each file starts its own local Ray (or a `ray start` cluster) and a
 	# pytest process that has already held one can be torn down by Ray when the next one comes up. The load
 	# test is marked slow as well: it runs here, in its own process.
-	$(BIN)/pytest -q -p no:cacheprovider --durations=10 -m "not slow and not load"; status=$$?; \
+	$(BIN)/pytest -q -p no:cacheprovider --durations=10 -m "not slow and not load and not image"; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; [ $$status -eq 0 ] || exit $$status
 	set -e; for file in $$(grep -rl "mark.slow" tests --include='test_*.py' | sort); do \
 	  echo "== $$file"; $(BIN)/pytest -q -p no:cacheprovider --durations=5 -m slow "$$file"; \
@@ -53,6 +53,11 @@ test: $(VENV)/.installed-dev .tools/bin/helm
 # The load test alone (it is part of `make test` too).
 test-load: $(VENV)/.installed-dev
 	$(BIN)/pytest -q -p no:cacheprovider --durations=5 -m load tests/api/test_service_load.py
+
+# The image for real (tests/deploy): builds the Dockerfile on a locally debootstrapped Debian (dockerd started
+# and stopped by the script) and runs the chart's pods from it. Not in `make test`: see README, "The image".
+test-image: $(VENV)/.installed-dev .tools/bin/helm
+	bash .ci/image.sh
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check api services trainers storage tests benchmarks

@@ -9,8 +9,8 @@ builds from rayStartParams (`bash -lc -- "ulimit -n 65536; ray start ..."`, CPUs
 The pods share the host's network instead of a pod network, which takes four changes and no more, each
 because several pods now share one network namespace: Service names resolve to 127.0.0.1 (`--add-host`),
 every `0.0.0.0` bind address becomes 127.0.0.1 (loopback only), Ray nodes advertise 127.0.0.1 (KubeRay
-nodes advertise their pod IP), and each Ray worker takes its own dashboard-agent and metrics ports (KubeRay
-gives every pod 52365 and 8080, which on one network would collide).
+nodes advertise their pod IP), and each Ray pod takes free dashboard-agent and metrics ports (KubeRay gives
+every pod 52365 and 8080, which on one network would collide).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import base64
 import os
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "saeforge"
 NAMESPACE = "default"
 LOOPBACK = "127.0.0.1"
-# KubeRay's defaults for every Ray pod (ray-operator/controllers/ray/utils/constant.go).
-DASHBOARD_AGENT_PORT = 52365
-METRICS_PORT = 8080
-GCS_PORT = 6379
+GCS_PORT = 6379  # `ray start --head`'s default, and KubeRay's when rayStartParams has no `port`
 _UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
@@ -123,7 +121,13 @@ def loopback_only(words: list[str]) -> list[str]:
     return [w.replace("0.0.0.0", LOOPBACK) for w in words]
 
 
-def kuberay_command(group: dict, head: bool, head_service: str, agent_port: int, metrics_port: int) -> list[str]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def kuberay_command(group: dict, head: bool, gcs: str, agent_port: int, metrics_port: int) -> list[str]:
     """The container command KubeRay writes for a head or worker group (rayStartParams + resource limits)."""
     params = dict(group["rayStartParams"])
     container = group["template"]["spec"]["containers"][0]
@@ -136,7 +140,7 @@ def kuberay_command(group: dict, head: bool, head_service: str, agent_port: int,
     if gpus:
         params.setdefault("num-gpus", str(gpus))
     if not head:
-        params.setdefault("address", f"{head_service}.{NAMESPACE}.svc.cluster.local:{GCS_PORT}")
+        params.setdefault("address", gcs)
     params.setdefault("dashboard-agent-listen-port", str(agent_port))
     params.setdefault("metrics-export-port", str(metrics_port))
     params.setdefault("node-ip-address", LOOPBACK)
@@ -146,10 +150,10 @@ def kuberay_command(group: dict, head: bool, head_service: str, agent_port: int,
     return ["/bin/bash", "-lc", "--", start.replace("0.0.0.0", LOOPBACK)]
 
 
-def kuberay_env(cluster: str, head: bool, head_service: str) -> dict[str, str]:
+def kuberay_env(cluster: str, head: bool, gcs: str) -> dict[str, str]:
     """What KubeRay adds to every Ray container's environment."""
-    address = f"{LOOPBACK}:{GCS_PORT}" if head else f"{head_service}.{NAMESPACE}.svc.cluster.local:{GCS_PORT}"
-    return {"RAY_CLUSTER_NAME": cluster, "RAY_ADDRESS": address, "RAY_PORT": str(GCS_PORT),
+    port = gcs.rsplit(":", 1)[1]
+    return {"RAY_CLUSTER_NAME": cluster, "RAY_ADDRESS": f"{LOOPBACK}:{port}" if head else gcs, "RAY_PORT": port,
             "RAY_USAGE_STATS_KUBERAY_IN_USE": "1", "MY_POD_IP": LOOPBACK}
 
 
@@ -276,14 +280,16 @@ class Pod:
 def ray_pods(release: Release, image: str, state_dir: Path, label: str, prefix: str) -> list[tuple[Pod, str]]:
     """The head and one pod per enabled worker group, each with KubeRay's probe command."""
     rc = release.raycluster
-    cluster, head_service = rc["metadata"]["name"], release.head_service
+    cluster = rc["metadata"]["name"]
+    port = rc["spec"]["headGroupSpec"]["rayStartParams"].get("port", GCS_PORT)
+    gcs = f"{release.head_service}.{NAMESPACE}.svc.cluster.local:{port}"
     groups = [("head", rc["spec"]["headGroupSpec"], True)]
     groups += [(g["groupName"], g, False) for g in rc["spec"]["workerGroupSpecs"]]
     pods = []
-    for index, (name, group, head) in enumerate(groups):
-        agent, metrics = DASHBOARD_AGENT_PORT + index, METRICS_PORT + index
-        command = kuberay_command(group, head, head_service, agent, metrics)
-        env = kuberay_env(cluster, head, head_service)
+    for name, group, head in groups:
+        agent = free_port()
+        command = kuberay_command(group, head, gcs, agent, free_port())
+        env = kuberay_env(cluster, head, gcs)
         pod = Pod(f"{prefix}-ray-{name}", image, group["template"]["spec"], release, state_dir, label, command, env)
         pods.append((pod, kuberay_probe(head, agent)))
     return pods

@@ -18,21 +18,15 @@ import httpx
 import pytest
 
 from ..api.conftest import LOAD
-from .kube import Pod, Release, ray_pods, render
+from .kube import Pod, Release, free_port, ray_pods, render
 
 pytestmark = pytest.mark.image
 
 RELEASE = "saeforge"
 VALUES = Path(__file__).with_name("values.yaml")
 TOKEN = {"Authorization": "Bearer token-deploy"}
-# Ray's fixed ports on the head (GCS, dashboard, client server) and KubeRay's per-pod ones, shifted per worker.
-RAY_PORTS = (6379, 8265, 10001, 52365, 52366, 52367, 8080, 8081, 8082)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The chart's fixed port: the API submits to the head's dashboard on 8265. Every other port is set free.
+DASHBOARD_PORT = 8265
 
 
 def port_in_use(port: int) -> bool:
@@ -61,15 +55,15 @@ def image() -> str:
 @pytest.fixture(scope="module")
 def deployment(image, tmp_path_factory):
     """The release's pods started from the image, in the order a cluster settles into; removed afterwards."""
-    busy = [p for p in RAY_PORTS if port_in_use(p)]
-    assert not busy, f"Ray's fixed ports {busy} are taken on this host: the head and workers need them"
+    assert not port_in_use(DASHBOARD_PORT), f"port {DASHBOARD_PORT} is taken: the chart's Ray dashboard needs it"
     repository, tag = image.rsplit(":", 1)
     api_port, mlflow_port = free_port(), free_port()
     # In a cluster the Service port maps to the container port; on one network they are the same number.
     release = Release(render(RELEASE, VALUES, {
         "image.repository": repository, "image.tag": tag, "image.pullPolicy": "Never",
         "api.port": api_port, "api.service.port": api_port, "mlflow.port": mlflow_port,
-        "mlflow.service.port": mlflow_port}))
+        "mlflow.service.port": mlflow_port, "ray.head.rayStartParams.port": free_port(),
+        "ray.head.rayStartParams.ray-client-server-port": free_port()}))
     state = tmp_path_factory.mktemp("deploy")
     label = f"saeforge-deploy-test={os.getpid()}"
     prefix = f"sfdeploy{os.getpid()}"
@@ -110,8 +104,11 @@ def test_the_pods_run_as_the_chart_says(deployment):
         sc = {**pod.spec["securityContext"], **c["securityContext"]}
         ident = pod.exec("id -u; id -g")
         assert ident.stdout.split() == [str(sc["runAsUser"]), str(sc["runAsGroup"])], (pod.name, ident)
-        root_write = pod.exec("touch /opt/venv/probe-write")
-        assert (root_write.returncode != 0) == bool(sc["readOnlyRootFilesystem"]), (pod.name, root_write.stderr)
+        root_write = pod.exec("touch /home/saeforge/.probe-write")  # the image user's own home
+        if sc["readOnlyRootFilesystem"]:
+            assert "Read-only file system" in root_write.stderr, (pod.name, root_write)
+        else:
+            assert root_write.returncode == 0, (pod.name, root_write)
         for mount in c["volumeMounts"]:
             if not mount.get("readOnly"):
                 wrote = pod.exec(f"touch {mount['mountPath']}/.probe-write && rm {mount['mountPath']}/.probe-write")
@@ -143,7 +140,7 @@ def test_tiny_job_through_the_containers(deployment):
     # Its actors ran on the worker pods, placed by their custom resources.
     from ray.util.state import list_actors, list_nodes
 
-    dashboard = "http://127.0.0.1:8265"
+    dashboard = f"http://127.0.0.1:{DASHBOARD_PORT}"
     nodes = {n.node_id: n for n in list_nodes(address=dashboard, detail=True)}
     pools = {nid: {r for r in ("producer", "trainer") if r in (n.resources_total or {})} for nid, n in nodes.items()}
     assert sorted(p for ps in pools.values() for p in ps) == ["producer", "trainer"], pools
@@ -171,8 +168,9 @@ def test_tiny_job_through_the_containers(deployment):
     config = next(d for d in release.docs if d["kind"] == "ConfigMap")["data"]
     root = config["SAEFORGE_OUTPUT_ROOT"]
     assert root == "file:///shared/outputs", config
-    assert dictionary["output_uri"].startswith(root + "/"), dictionary
-    on_host = claims / "saeforge-shared" / dictionary["output_uri"].removeprefix("file:///shared/")
+    output = dictionary["output_uri"].removeprefix("file://")  # the service reports local URIs as paths
+    assert output.startswith("/shared/outputs/"), (root, dictionary)
+    on_host = claims / "saeforge-shared" / output.removeprefix("/shared/")
     files = sorted(p.name for p in on_host.iterdir())
     assert "cfg.json" in files and any(f.endswith(".safetensors") for f in files), (on_host, files)
 
