@@ -3,7 +3,7 @@
     python benchmarks/sharded_memory.py --latents 1048576 --ranks 1,2    # issue 5: ~23 GiB for each R
     python benchmarks/sharded_memory.py --latents 16384 --ranks 1,2      # quick mode for development
         [--steps 4] [--batch 4096] [--d 576] [--k 32] [--lr LR] [--init subspace|random] [--chunk 8192]
-        [--skip-single-replica-allreduce] [--fused-adam] [--timeout 10800]
+        [--optimizer lazy_adam|adam] [--timeout 10800]
 
 For each R, R processes (gloo, env:// rendezvous on loopback) each build `ShardMesh.build(R, rank, shards=R)`,
 their slice of one `SparseAutoencoder` (topk, d, k) and a DeepSpeed engine through `trainers.engine.build_engine`
@@ -25,15 +25,10 @@ the OOM killer) is reported as "oom" with the peak the parent saw (wait4's ru_ma
 runs. Note that the R ranks share this machine's memory: sharding lowers the per-rank peak, not the sum over
 the ranks.
 
-Two flags, from the experiments that measured these transient-memory changes; trainers/engine.py now makes both
-for every job (the flags set the same again, so they change nothing any more):
-- `--skip-single-replica-allreduce`: `engine.enable_backward_allreduce = False` when the data-parallel world is 1
-  (every rank a shard of one replica). DeepSpeed otherwise flattens the gradients into ≤ 500M-element buckets
-  (a copy of up to two [M/R, d] matrices) for an all-reduce over a group of one.
-- `--fused-adam`: torch's fused Adam kernel (`fused=True` in the optimizer's param groups). The default
-  single-tensor Adam builds its denominator out of place: two temporaries the size of one [M/R, d] matrix.
-They come one after the other within a step, as does a third in the backward pass (about one [M/R, d] matrix
-besides the gradients, not traced yet): the step's peak is the largest of them, so one alone changes little.
+The optimizer (`--optimizer`): lazy_adam, the touched-row Adam with row-sparse W_enc/W_dec gradients (no
+dense [M/R, d] gradient per rank), or adam, torch's fused Adam over dense gradients. Earlier flags that
+skipped DeepSpeed's all-reduce over a group of one and chose the fused kernel are gone: trainers/engine.py does
+both for every job.
 Prints a table, then one JSON line.
 """
 
@@ -88,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=0.05, help="Gaussian noise std of the synthetic data")
     parser.add_argument("--probe-tokens", type=int, default=1024, help="held-out tokens scored after every step")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-single-replica-allreduce", action="store_true")
-    parser.add_argument("--fused-adam", action="store_true")
+    parser.add_argument("--optimizer", choices=("lazy_adam", "adam"), default="lazy_adam",
+                        help="training.optimizer: lazy_adam (row-sparse gradients, what a job's auto picks here: "
+                             "ZeRO 0, one replica) or adam (dense gradients)")
     parser.add_argument("--timeout", type=float, default=10800.0, help="seconds per R before its ranks are killed")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a rank: set by the parent
     args = parser.parse_args(argv)
@@ -141,9 +137,15 @@ def code_digest() -> str:
 
 
 def tensor_bytes(tensors) -> int:
+    """Bytes held, a row-sparse gradient counted by its stored rows and indices (numel() is its dense size)."""
     import torch
 
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+    def held(t) -> int:
+        if t.is_sparse:
+            return t._values().numel() * t.element_size() + t._indices().numel() * t._indices().element_size()
+        return t.numel() * t.element_size()
+
+    return sum(held(t) for t in tensors if torch.is_tensor(t))
 
 
 def optimizer_state_bytes(engine) -> int:
@@ -195,18 +197,13 @@ def run_rank(args: argparse.Namespace) -> None:
     mesh = ShardMesh.build(world, rank, shards=world)
     batches, probe = synthetic_batches(args)
     cfg = SAEConfig(d_in=args.d, latents=args.latents, k=args.k, initialization=args.init,
-                    encoder_chunk=args.chunk)
+                    encoder_chunk=args.chunk, sparse_grads=args.optimizer == "lazy_adam")
     sae = SparseAutoencoder(cfg, mesh=mesh)
     started = time.perf_counter()
     sae.initialize(batches[0], generator=torch.Generator().manual_seed(args.seed + 1))  # as the worker: batch 0
     init_s = time.perf_counter() - started
     engine = build_engine(sae, lr=args.lr, total_steps=args.steps, warmup_steps=0, zero_stage=0, bf16=False,
                           mpu=mesh if world > 1 else None)
-    if args.skip_single_replica_allreduce and mesh.replicas == 1:
-        engine.enable_backward_allreduce = False
-    if args.fused_adam:  # torch's Adam reads these per step from the group: set before the first one
-        for group in engine.optimizer.param_groups:
-            group.update(fused=True, foreach=False)
     init_peak = rss_bytes("VmHWM")
     say(f"R={world}: built and initialized in {init_s:.1f} s; peak RSS so far {init_peak / GIB:.3f} GiB")
 
@@ -429,7 +426,7 @@ def main() -> None:
     print_table(per_r)
     result: dict = {"latents": args.latents, "d": args.d, "k": args.k, "batch": args.batch, "steps": args.steps,
                     "lr": args.lr, "init": args.init, "cores": usable_cores(),
-                    "skip_single_replica_allreduce": args.skip_single_replica_allreduce, "fused_adam": args.fused_adam,
+                    "optimizer": args.optimizer,
                     "git_head": head, "load_1min": round(os.getloadavg()[0], 2),
                     "runs": {str(world): s for world, s in per_r.items()}}
     reference = per_r.get(1)

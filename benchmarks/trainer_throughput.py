@@ -1,18 +1,18 @@
-"""Trainer throughput against the encoder-matmul roofline, in one process.
+"""Trainer throughput against the encoder-matmul roofline, through the job's own DeepSpeed engine, in one process.
 
-    python benchmarks/trainer_throughput.py --latents 131072 [--steps 3] [--batch 4096] [--d 576] [--k 32]
-        [--optimizer adam|sparse] [--dead-fraction 0.0]
+    python benchmarks/trainer_throughput.py --latents 131072 [--steps 5] [--batch 4096] [--d 576] [--k 32]
+        [--optimizer auto|lazy_adam|adam] [--zero-stage 1] [--architecture topk|batchtopk] [--dead-fraction 0.0]
 
+The step is built as the Ray Train worker builds it — trainers.worker._build on a JobSpec of one dictionary:
+the optimizer JobSpec.lazy_adam picks (auto: the touched-row lazy Adam for TopK/BatchTopK in fp32, dense Adam
+otherwise), trainers.engine.build_engine with the job's ZeRO stage, schedule and Adam constants — and runs as
+the worker runs it: engine(x, dead_mask), engine.backward(loss), engine.step(), then the firing counts.
 Roofline: a dense x @ W_encᵀ of the same shape (N×d by d×M; above 131,072 latents computed in 65,536-latent
 slabs so its output fits in memory — same FLOPs), timed on this machine; roofline tokens/s = N / its time.
-Step: forward (chunked TopK encoder, sparse decoder, FVU), backward, optimizer step — everything a training
-step does (the decoder needs no renormalisation pass: it is used row-normalised, see trainers/sae.py).
-Optimizers: `adam` = torch.optim.Adam over dense-shaped gradients (what DeepSpeed runs); `sparse` =
-trainers.optim.RowSparseAdam (lazy Adam, in chunks of rows) on W_enc/W_dec with row-sparse gradients (touched
-rows only) + Adam on the biases.
-The dense Adam step alone is also timed (on the real tensors when they fit, else on a slab, scaled).
-Peak RSS is the process high-water mark during one step (reset through /proc/self/clear_refs), set
-against parameters + optimizer state. Prints its figures, then one JSON line.
+Steps and roofline passes alternate, so each ratio compares neighbours on a machine whose load moves.
+Also timed: one torch.optim.Adam step over dense W_enc + W_dec gradients (on a slab, scaled), for reference.
+Peak RSS is the process high-water mark during one step (reset through /proc/self/clear_refs), set against
+parameters + optimizer state. Prints its figures, then one JSON line.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import time
 
+import numpy as np
 import torch
 from procmem import reset_peak, rss_bytes
-
-from trainers.optim import RowSparseAdam
-from trainers.sae import SAEConfig, SparseAutoencoder
+from sharded_memory import optimizer_state_bytes, tensor_bytes
 
 GIB = 1024**3
 
@@ -51,12 +51,12 @@ def roofline_seconds(x: torch.Tensor, W: torch.Tensor, repeats: int = 2, warm: b
 
 
 def adam_step_seconds(shape: tuple[int, int], max_rows: int) -> tuple[float, int]:
-    """Time of one torch.optim.Adam step over two [M, d] params with dense grads (+ biases), scaled from a slab."""
+    """Time of one torch.optim.Adam step over two [M, d] params with dense grads, scaled from a slab."""
     rows = min(shape[0], max_rows)
     params = [torch.nn.Parameter(torch.randn(rows, shape[1])) for _ in range(2)]
     for p in params:
         p.grad = torch.randn_like(p)
-    opt = torch.optim.Adam(params, lr=1e-4)
+    opt = torch.optim.Adam(params, lr=1e-4, fused=True)
     opt.step()
     start = time.perf_counter()
     for _ in range(2):
@@ -66,77 +66,100 @@ def adam_step_seconds(shape: tuple[int, int], max_rows: int) -> tuple[float, int
     return seconds * shape[0] / rows, rows
 
 
+def job_spec(args: argparse.Namespace):
+    from api.jobspec import JobSpec
+
+    return JobSpec.model_validate({
+        "dictionaries": [{"name": "bench", "architecture": args.architecture, "latents": args.latents, "k": args.k,
+                          "initialization": "random", "b_dec_init": "mean", "dead_window_tokens": 10**12}],
+        "training": {"tokens": args.batch * max(args.steps + 2, 2), "batch_tokens": args.batch,
+                     "warmup_steps": 0, "precision": "fp32", "optimizer": args.optimizer},
+        "cluster": {"zero_stage": args.zero_stage}})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latents", type=int, required=True)
-    parser.add_argument("--steps", type=int, default=3, help="0: time only the peak-RSS step")
+    parser.add_argument("--steps", type=int, default=5, help="0: time only the peak-RSS step")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--d", type=int, default=576)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--optimizer", choices=("adam", "sparse"), default=None,
-                        help="default: adam up to 262,144 latents, sparse above (dense grads do not fit in 24 GiB)")
-    parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--architecture", choices=("topk", "batchtopk"), default="topk")
+    parser.add_argument("--optimizer", choices=("auto", "lazy_adam", "adam"), default="auto",
+                        help="training.optimizer of the job (auto: lazy_adam here)")
+    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=1, help="cluster.zero_stage")
     parser.add_argument("--dead-fraction", type=float, default=0.0, help="mark this share dead to include AuxK")
-    parser.add_argument("--adam-probe-rows", type=int, default=262144)
+    parser.add_argument("--adam-probe-rows", type=int, default=65536)
     args = parser.parse_args()
-    optimizer_kind = args.optimizer or ("adam" if args.latents <= 262144 else "sparse")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import logging
+
+    import deepspeed
+
+    from trainers.parallel import ShardMesh
+    from trainers.worker import _build
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     torch.manual_seed(0)
     n, d, m = args.batch, args.d, args.latents
-    print(f"latents={m} d={d} k={args.k} batch={n} optimizer={optimizer_kind} threads={torch.get_num_threads()} "
-          f"load={os.getloadavg()[0]:.2f}", flush=True)
+    spec = job_spec(args)
+    lazy = spec.lazy_adam(0, bf16=False)
+    print(f"latents={m} d={d} k={args.k} batch={n} architecture={args.architecture} optimizer={args.optimizer} "
+          f"({'lazy Adam' if lazy else 'dense Adam'}) zero_stage={args.zero_stage} "
+          f"threads={torch.get_num_threads()} load={os.getloadavg()[0]:.2f}", flush=True)
 
     adam_seconds, adam_rows = adam_step_seconds((m, d), args.adam_probe_rows)
     print(f"dense torch.optim.Adam step over W_enc+W_dec: {adam_seconds:.3f} s (measured on {adam_rows} rows)",
           flush=True)
 
-    cfg = SAEConfig(d_in=d, latents=m, k=args.k, initialization="random", b_dec_init="mean",
-                    encoder_chunk=args.chunk, sparse_grads=optimizer_kind == "sparse")
-    sae = SparseAutoencoder(cfg)
     x = torch.randn(n, d)
-    sae.initialize(x[:2048], torch.Generator().manual_seed(0))
+    dictionary = _build(spec, 0, x[:2048].numpy().astype(np.float32), torch.device("cpu"), ShardMesh(1, 0, 1))
+    engine, sae, tracker = dictionary.engine, dictionary.sae, dictionary.tracker
+    if args.dead_fraction > 0:  # "dead" latents: the AuxK path runs
+        dead = torch.rand(m) < args.dead_fraction
+        tracker.tokens_since_fired[dead] = tracker.window_tokens
 
     big = m > 262144  # a roofline pass at 1M latents is ~5 TFLOP: one pass, no warm-up round
     roof = roofline_seconds(x, sae.W_enc.detach(), repeats=1 if big else 2, warm=not big)
     flops = 2.0 * n * d * m
     print(f"roofline matmul: {roof:.3f} s = {flops / roof / 1e9:.1f} GFLOP/s -> {n / roof:,.0f} tokens/s", flush=True)
 
-    if optimizer_kind == "sparse":
-        optimizers = [RowSparseAdam([sae.W_enc, sae.W_dec], lr=1e-4),
-                      torch.optim.Adam([sae.b_enc, sae.b_dec], lr=1e-4)]
-    else:
-        optimizers = [torch.optim.Adam(sae.parameters(), lr=1e-4)]
-    dead = (torch.rand(m) < args.dead_fraction) if args.dead_fraction > 0 else None
-
-    timings: dict[str, float] = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    timings: dict[str, float] = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "metrics": 0.0}
+    touched: list[int] = []
 
     def train_step(record: bool) -> float:
         t0 = time.perf_counter()
-        out = sae(x, dead)
+        out = engine(x, dead_mask=tracker.dead_mask(), progress=0.5)
         t1 = time.perf_counter()
-        out.loss.backward()
+        engine.backward(out.loss)
         t2 = time.perf_counter()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        if sae.W_enc.grad.is_sparse:  # coalesced by the kernel: counting its rows costs nothing
+            touched.append(sae.W_enc.grad._nnz())
+        engine.step()
         t3 = time.perf_counter()
+        with torch.no_grad():  # as the worker: firing counts of this batch
+            tracker.update_counts(tracker.batch_counts(out.latent_acts, out.latent_indices), n)
+        t4 = time.perf_counter()
         if record:
             timings["forward"] += t1 - t0
             timings["backward"] += t2 - t1
             timings["optimizer"] += t3 - t2
+            timings["metrics"] += t4 - t3
         return float(out.fvu.detach())
 
     train_step(record=False)  # allocates the optimizer state
-    state_bytes = sum(t.numel() * t.element_size() for opt in optimizers for s in opt.state.values()
-                      for t in s.values() if torch.is_tensor(t))
-    param_bytes = sum(p.numel() * p.element_size() for p in sae.parameters())
+    state_bytes = optimizer_state_bytes(engine)
+    param_bytes = tensor_bytes(sae.parameters())
     _ROOF_OUT.clear()  # the roofline's output buffer must not count in the step's peak RSS
     reset_peak()
     start = time.perf_counter()
     fvu = train_step(record=args.steps == 0)
     first_step = time.perf_counter() - start
     peak = rss_bytes("VmHWM")
-    # Steps and roofline passes alternate so that both see the same machine: on a shared 2-core box the
-    # load moves by 5x within minutes, and the ratio of neighbours is what stays meaningful.
     step_times, roof_times, ratios = [], [], []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -153,7 +176,9 @@ def main() -> None:
     roof = min([roof, *roof_times])
     roof_tokens = n / roof
     result = {
-        "latents": m, "d": d, "k": args.k, "batch": n, "steps": steps, "optimizer": optimizer_kind,
+        "latents": m, "d": d, "k": args.k, "batch": n, "steps": steps, "architecture": args.architecture,
+        "optimizer": "lazy_adam" if lazy else "adam", "zero_stage_asked": args.zero_stage,
+        "engine": type(engine.optimizer).__name__,
         "tokens_per_s": round(tokens_per_s, 1), "roofline_tokens_per_s": round(roof_tokens, 1),
         "roofline_ratio": round(statistics.median(ratios), 3),
         "roofline_ratios": [round(r, 3) for r in ratios],
@@ -161,9 +186,9 @@ def main() -> None:
         "roofline_gflops": round(flops / roof / 1e9, 1),
         "step_s": round(step_s, 3), **{f"{k}_s": round(v / steps, 3) for k, v in timings.items()},
         "optimizer_share": round(timings["optimizer"] / elapsed, 3),
+        "touched_rows": int(statistics.median(touched)) if touched else None,
+        "touched_share": round(statistics.median(touched) / m, 3) if touched else None,
         "dense_adam_step_s": round(adam_seconds, 3),
-        "dense_adam_share_of_step": round(
-            adam_seconds / (step_s - timings["optimizer"] / steps + adam_seconds), 3),
         "param_gib": round(param_bytes / GIB, 3), "optimizer_state_gib": round(state_bytes / GIB, 3),
         "peak_rss_gib": round(peak / GIB, 3),
         "peak_rss_above_params_and_state_gib": round((peak - param_bytes - state_bytes) / GIB, 3),
@@ -171,7 +196,9 @@ def main() -> None:
     }
     print(f"roofline/step ratios per step: {result['roofline_ratios']} (median {result['roofline_ratio']})")
     print(f"step {step_s:.3f} s (forward {result['forward_s']}, backward {result['backward_s']}, optimizer "
-          f"{result['optimizer_s']}) -> best {tokens_per_s:,.0f} tokens/s vs best roofline {roof_tokens:,.0f}")
+          f"{result['optimizer_s']}, metrics {result['metrics_s']}) -> best {tokens_per_s:,.0f} tokens/s vs best "
+          f"roofline {roof_tokens:,.0f}; touched rows of W_enc {result['touched_rows']} "
+          f"(share {result['touched_share']})")
     print(f"peak RSS {result['peak_rss_gib']} GiB; params {result['param_gib']} GiB + optimizer state "
           f"{result['optimizer_state_gib']} GiB; above them {result['peak_rss_above_params_and_state_gib']} GiB")
     print(json.dumps(result))

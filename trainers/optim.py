@@ -4,9 +4,12 @@ With `SAEConfig.sparse_grads` the kernels give W_enc and W_dec gradients as spar
 rows a batch touched (≤ N·k, plus the AuxK rows). The update of those is lazy Adam (torch's SparseAdam's
 semantics): the moments and the weights of touched rows move; an untouched row keeps its weights and moments
 (its moments do not decay on the steps it sits out); the bias correction counts every optimizer step, touched
-or not. A row touched on every step therefore follows dense Adam exactly. It is applied in chunks of rows:
-torch.optim.SparseAdam materialises about eight [touched rows × d] temporaries at once (2.2 GiB at 4,096
-tokens × k = 32 × d = 576, measured), this keeps one chunk's worth.
+or not. A row touched on every step therefore follows dense Adam exactly. It is applied in chunks of rows
+through torch's fused Adam kernel on gathered rows (scratch buffers reused every step): torch.optim.SparseAdam
+materialises about eight [touched rows × d] temporaries at once (2.2 GiB at 4,096 tokens × k = 32 × d = 576,
+measured), this keeps one chunk's worth. The cost is O(touched rows × d), with a larger constant per row than
+dense fused Adam (the gathers and scatters): it wins where a step touches a small share of the rows — at a
+million latents, ≤ N·k of them — and not where nearly every row is touched.
 
 Dense gradients (the biases b_enc [M] and b_dec [d]) get plain Adam, so one optimizer steps the whole
 dictionary and DeepSpeed can own it as its client optimizer (trainers/engine.py). The state has torch Adam's
@@ -18,17 +21,24 @@ from __future__ import annotations
 
 import torch
 
+from trainers.kernels import _sort_threads
+
 
 class RowSparseAdam(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 chunk_rows: int = 16384):
+                 chunk_rows: int = 4096):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "chunk_rows": chunk_rows})
+        # Gathered rows of one chunk (weights, moments), reused every step: fresh [rows, d] tensors per step
+        # would page-fault in, which on CPU cost more than the update itself (measured). Not optimizer state.
+        self._scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            adam = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "weight_decay": 0.0, "eps": group["eps"],
+                    "amsgrad": False, "maximize": False}
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -38,31 +48,44 @@ class RowSparseAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(param)
                     state["exp_avg_sq"] = torch.zeros_like(param)
                 state["step"] += 1
-                step = float(state["step"])
-                step_size = group["lr"] / (1 - beta1 ** step)
-                root_correction = (1 - beta2 ** step) ** 0.5
+                # torch's fused Adam kernel (bias correction from `step`); it wants the step on the param's device
+                step = state["step"].to(param.device)
                 grad = param.grad
                 if not grad.is_sparse:
-                    _dense_update(param, grad, state, beta1, beta2, step_size, root_correction, group["eps"])
+                    torch._fused_adam_([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [step],
+                                       **adam)
                     continue
-                # DeepSpeed's data-parallel exchange concatenates every replica's rows: coalesce sums duplicates.
-                grad = grad.coalesce()
-                rows, values = grad.indices()[0], grad.values()
-                for start in range(0, rows.numel(), group["chunk_rows"]):
-                    index = rows[start:start + group["chunk_rows"]]
-                    g = values[start:start + group["chunk_rows"]]
-                    m = state["exp_avg"].index_select(0, index).lerp_(g, 1 - beta1)
-                    v = state["exp_avg_sq"].index_select(0, index).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    state["exp_avg"].index_copy_(0, index, m)
-                    state["exp_avg_sq"].index_copy_(0, index, v)
-                    update = m.div_(v.sqrt_().div_(root_correction).add_(group["eps"])).mul_(-step_size)
-                    param.index_add_(0, index, update)
+                rows, values = _unique_rows(grad)
+                chunk = group["chunk_rows"]
+                p_rows, m_rows, v_rows = self._buffers(param, chunk)
+                with _sort_threads(param):
+                    for start in range(0, rows.numel(), chunk):
+                        index, g = rows[start:start + chunk], values[start:start + chunk]
+                        p, m, v = p_rows[:len(index)], m_rows[:len(index)], v_rows[:len(index)]
+                        torch.index_select(param, 0, index, out=p)
+                        torch.index_select(state["exp_avg"], 0, index, out=m)
+                        torch.index_select(state["exp_avg_sq"], 0, index, out=v)
+                        torch._fused_adam_([p], [g.contiguous()], [m], [v], [], [step], **adam)
+                        param.index_copy_(0, index, p)
+                        state["exp_avg"].index_copy_(0, index, m)
+                        state["exp_avg_sq"].index_copy_(0, index, v)
         return loss
 
+    def _buffers(self, param: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (tuple(param.shape[1:]), param.dtype, param.device, chunk)
+        if key not in self._scratch:
+            shape = (chunk, *param.shape[1:])
+            self._scratch[key] = tuple(param.new_empty(shape) for _ in range(3))
+        return self._scratch[key]
 
-def _dense_update(param, grad, state, beta1: float, beta2: float, step_size: float, root_correction: float,
-                  eps: float) -> None:
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denominator = state["exp_avg_sq"].sqrt().div_(root_correction).add_(eps)
-    param.addcdiv_(state["exp_avg"], denominator, value=-step_size)
+
+def _unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, values) of a row-sparse gradient with each row once. The kernels emit sorted unique rows, but
+    autograd's accumulation drops the coalesced flag, and coalescing sorts again (a quarter of the step,
+    measured); DeepSpeed's exchange between replicas concatenates every replica's rows: those are summed."""
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+            return rows, grad._values()
+        grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
