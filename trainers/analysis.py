@@ -82,21 +82,22 @@ class TopSlots:
         if better.numel() == 0:
             return better
         order, rank = group_ranks(latents[better], scores[better])
-        return better[order[rank < n]]
+        return better[order[rank < n]]  # grouped by latent, by score descending within a latent: what merge takes
 
     def merge(self, latents: Tensor, scores: Tensor, values: Tensor, positions: Tensor
               ) -> tuple[Tensor, Tensor, Tensor]:
-        """Merge candidate entries (at most N per latent, as `candidates` returns); returns (entered, rows, slots):
-        the indices of the candidates that entered and the (latent, slot) each took, for their contexts."""
+        """Merge candidate entries — at most N per latent, grouped by latent and by score descending within one,
+        as `candidates` returns them; returns (entered, rows, slots): the indices of the candidates that entered
+        and the (latent, slot) each took, for their contexts."""
         n = self.scores.shape[1]
         empty = latents.new_zeros(0)
         if latents.numel() == 0:
             return empty, empty, empty
-        touched, row_of = torch.unique(latents, return_inverse=True)
-        order, rank = group_ranks(row_of, scores)
-        column = torch.empty_like(rank)
-        column[order] = rank  # the entry's place among its latent's candidates
+        touched, counts = torch.unique_consecutive(latents, return_counts=True)
         u = len(touched)
+        row_of = torch.repeat_interleave(torch.arange(u, device=latents.device), counts)
+        column = torch.arange(len(latents), device=latents.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts)  # the entry's place among its latent's candidates
         new_scores = torch.full((u, n), float("-inf"), device=scores.device)
         new_scores[row_of, column] = scores
         candidate = torch.full((u, n), -1, dtype=torch.long, device=scores.device)
