@@ -50,19 +50,22 @@ def _windows(tokenizer, count: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([w for _, w in zip(range(count), windows, strict=False)]))
 
 
-def forward_throughput(layer: int, batches: int) -> dict:
+def forward_throughput(layer: int, batches: int, device: str = "cpu") -> dict:
     hook = HookSpec(layer=layer, site="resid_post")
     started = time.perf_counter()
-    lm = load_language_model(ModelSpec())
+    lm = load_language_model(ModelSpec(dtype="bfloat16" if device == "cuda" else "float32"), device=device)
     load_s = time.perf_counter() - started
-    ids = _windows(lm.tokenizer, BATCH_TOKENS // CONTEXT)
+    ids = _windows(lm.tokenizer, BATCH_TOKENS // CONTEXT).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def timed(run) -> float:
         run(ids[:2, :32])  # warm-up
         times = []
         for _ in range(batches):
+            sync()
             t = time.perf_counter()
             run(ids)
+            sync()
             times.append(time.perf_counter() - t)
         return BATCH_TOKENS / statistics.median(times)
 
@@ -84,7 +87,7 @@ def forward_throughput(layer: int, batches: int) -> dict:
     print(f"forward, {BATCH_TOKENS}-token batches, {torch.get_num_threads()} threads (load {load_s:.1f} s): "
           f"full model {full_tps:,.0f} tok/s, cut at layer {layer} {cut_tps:,.0f} tok/s: {cut_tps / full_tps:.1f}x")
     return {"full_tokens_per_s": full_tps, "cut_tokens_per_s": cut_tps, "cut_speedup": cut_tps / full_tps,
-            "threads": torch.get_num_threads(), "load_s": load_s}
+            "threads": torch.get_num_threads(), "load_s": load_s, "device": device}
 
 
 def producer_scaling(layer: int, batches: int) -> dict:
@@ -204,12 +207,14 @@ def main() -> None:
     parser.add_argument("--handoff-batches", type=int, default=30)
     parser.add_argument("--skip-forward", action="store_true")
     parser.add_argument("--skip-producers", action="store_true")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the forward measurement runs (cuda: bf16); producers and hand-off stay on CPU")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     print(f"load average at start: {load:.2f} on {os.cpu_count()} cores")
     figures: dict = {"load_at_start": load, "cores": os.cpu_count(), "batch_tokens": BATCH_TOKENS}
     if not args.skip_forward:
-        figures["forward"] = forward_throughput(args.layer, args.batches)
+        figures["forward"] = forward_throughput(args.layer, args.batches, args.device)
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,

@@ -2,6 +2,7 @@
 
     python benchmarks/trainer_throughput.py --latents 131072 [--steps 5] [--batch 4096] [--d 576] [--k 32]
         [--optimizer auto|lazy_adam|adam] [--zero-stage 1] [--architecture topk|batchtopk] [--dead-fraction 0.0]
+        [--device cpu|cuda] [--precision fp32|bf16]
 
 The step is built as the Ray Train worker builds it — trainers.worker._build on a JobSpec of one dictionary:
 the optimizer JobSpec.lazy_adam picks (auto: the touched-row lazy Adam for TopK/BatchTopK in fp32, dense Adam
@@ -12,7 +13,9 @@ slabs so its output fits in memory — same FLOPs), timed on this machine; roofl
 Steps and roofline passes alternate, so each ratio compares neighbours on a machine whose load moves.
 Also timed: one torch.optim.Adam step over dense W_enc + W_dec gradients (on a slab, scaled), for reference.
 Peak RSS is the process high-water mark during one step (reset through /proc/self/clear_refs), set against
-parameters + optimizer state. Prints its figures, then one JSON line.
+parameters + optimizer state. On CUDA (--device cuda, nccl; --precision bf16: DeepSpeed's bf16 with fp32 master
+weights, the roofline a bf16 product) every timing synchronizes the GPU and the peak is torch's peak GPU memory.
+Prints its figures, then one JSON line.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ GIB = 1024**3
 _ROOF_OUT: list[torch.Tensor] = []
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work, so that wall-clock times measure it (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def roofline_seconds(x: torch.Tensor, W: torch.Tensor, repeats: int = 2, warm: bool = True) -> float:
     slab = W.shape[0] if W.shape[0] <= 131072 else 65536
     if not _ROOF_OUT:  # one output buffer for every pass: no page faults inside the timed product
@@ -42,25 +51,29 @@ def roofline_seconds(x: torch.Tensor, W: torch.Tensor, repeats: int = 2, warm: b
     out = _ROOF_OUT[0]
     best = float("inf")
     for _ in range(repeats + int(warm)):  # a first round warms the allocator and the BLAS
+        sync()
         start = time.perf_counter()
         for s in range(0, W.shape[0], slab):
             w = W[s:s + slab]
             torch.mm(x, w.T, out=out[:, :w.shape[0]])
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def adam_step_seconds(shape: tuple[int, int], max_rows: int) -> tuple[float, int]:
+def adam_step_seconds(shape: tuple[int, int], max_rows: int, device: str = "cpu") -> tuple[float, int]:
     """Time of one torch.optim.Adam step over two [M, d] params with dense grads, scaled from a slab."""
     rows = min(shape[0], max_rows)
-    params = [torch.nn.Parameter(torch.randn(rows, shape[1])) for _ in range(2)]
+    params = [torch.nn.Parameter(torch.randn(rows, shape[1], device=device)) for _ in range(2)]
     for p in params:
         p.grad = torch.randn_like(p)
     opt = torch.optim.Adam(params, lr=1e-4, fused=True)
     opt.step()
+    sync()
     start = time.perf_counter()
     for _ in range(2):
         opt.step()
+    sync()
     seconds = (time.perf_counter() - start) / 2
     del params, opt
     return seconds * shape[0] / rows, rows
@@ -73,7 +86,7 @@ def job_spec(args: argparse.Namespace):
         "dictionaries": [{"name": "bench", "architecture": args.architecture, "latents": args.latents, "k": args.k,
                           "initialization": "random", "b_dec_init": "mean", "dead_window_tokens": 10**12}],
         "training": {"tokens": args.batch * max(args.steps + 2, 2), "batch_tokens": args.batch,
-                     "warmup_steps": 0, "precision": "fp32", "optimizer": args.optimizer},
+                     "warmup_steps": 0, "precision": args.precision, "optimizer": args.optimizer},
         "cluster": {"zero_stage": args.zero_stage}})
 
 
@@ -90,6 +103,8 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=1, help="cluster.zero_stage")
     parser.add_argument("--dead-fraction", type=float, default=0.0, help="mark this share dead to include AuxK")
     parser.add_argument("--adam-probe-rows", type=int, default=65536)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training.precision")
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,22 +118,25 @@ def main() -> None:
     from trainers.worker import _build
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo", auto_mpi_discovery=False)
     torch.manual_seed(0)
     n, d, m = args.batch, args.d, args.latents
     spec = job_spec(args)
-    lazy = spec.lazy_adam(0, bf16=False)
+    lazy = spec.lazy_adam(0, bf16=args.precision == "bf16")
     print(f"latents={m} d={d} k={args.k} batch={n} architecture={args.architecture} optimizer={args.optimizer} "
           f"({'lazy Adam' if lazy else 'dense Adam'}) zero_stage={args.zero_stage} "
-          f"threads={torch.get_num_threads()} load={os.getloadavg()[0]:.2f}", flush=True)
+          f"device={args.device} precision={args.precision} threads={torch.get_num_threads()} "
+          f"load={os.getloadavg()[0]:.2f}", flush=True)
 
-    adam_seconds, adam_rows = adam_step_seconds((m, d), args.adam_probe_rows)
+    adam_seconds, adam_rows = adam_step_seconds((m, d), args.adam_probe_rows, args.device)
     print(f"dense torch.optim.Adam step over W_enc+W_dec: {adam_seconds:.3f} s (measured on {adam_rows} rows)",
           flush=True)
 
+    device = torch.device(args.device)
     x = torch.randn(n, d)
-    dictionary = _build(spec, 0, x[:2048].numpy().astype(np.float32), torch.device("cpu"), ShardMesh(1, 0, 1))
+    dictionary = _build(spec, 0, x[:2048].numpy().astype(np.float32), device, ShardMesh(1, 0, 1))
     engine, sae, tracker = dictionary.engine, dictionary.sae, dictionary.tracker
+    x = x.to(device, sae.W_enc.dtype)  # as the worker's _input: the engine's dtype (bf16 under DeepSpeed's bf16)
     if args.dead_fraction > 0:  # "dead" latents: the AuxK path runs
         dead = torch.rand(m) < args.dead_fraction
         tracker.tokens_since_fired[dead] = tracker.window_tokens
@@ -132,17 +150,22 @@ def main() -> None:
     touched: list[int] = []
 
     def train_step(record: bool) -> float:
+        sync()
         t0 = time.perf_counter()
         out = engine(x, dead_mask=tracker.dead_mask(), progress=0.5)
+        sync()
         t1 = time.perf_counter()
         engine.backward(out.loss)
+        sync()
         t2 = time.perf_counter()
-        if sae.W_enc.grad.is_sparse:  # coalesced by the kernel: counting its rows costs nothing
+        if sae.W_enc.grad is not None and sae.W_enc.grad.is_sparse:  # bf16: DeepSpeed took the grads already
             touched.append(sae.W_enc.grad._nnz())
         engine.step()
+        sync()
         t3 = time.perf_counter()
         with torch.no_grad():  # as the worker: firing counts of this batch
             tracker.update_counts(tracker.batch_counts(out.latent_acts, out.latent_indices), n)
+        sync()
         t4 = time.perf_counter()
         if record:
             timings["forward"] += t1 - t0
@@ -156,10 +179,12 @@ def main() -> None:
     param_bytes = tensor_bytes(sae.parameters())
     _ROOF_OUT.clear()  # the roofline's output buffer must not count in the step's peak RSS
     reset_peak()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     fvu = train_step(record=args.steps == 0)
     first_step = time.perf_counter() - start
-    peak = rss_bytes("VmHWM")
+    peak = rss_bytes("VmHWM") if device.type == "cpu" else torch.cuda.max_memory_allocated()
     step_times, roof_times, ratios = [], [], []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -177,6 +202,7 @@ def main() -> None:
     roof_tokens = n / roof
     result = {
         "latents": m, "d": d, "k": args.k, "batch": n, "steps": steps, "architecture": args.architecture,
+        "device": args.device, "precision": args.precision,
         "optimizer": "lazy_adam" if lazy else "adam", "zero_stage_asked": args.zero_stage,
         "engine": type(engine.optimizer).__name__,
         "tokens_per_s": round(tokens_per_s, 1), "roofline_tokens_per_s": round(roof_tokens, 1),
