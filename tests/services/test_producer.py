@@ -148,14 +148,18 @@ def test_seek_gives_the_rows_of_an_uninterrupted_stream(corpus):
     np.testing.assert_allclose(batch[RESID], rows[RESID][150:246], rtol=1e-5, atol=1e-5)
 
 
-def test_dtype_from_the_spec_streams_float32(corpus):
+def test_dtype_from_the_spec_streams_at_that_width(corpus):
+    from storage.arrays import BFLOAT16
+
     full = ActivationProducer(tiny_spec(corpus).model_dump_json())
     half = ActivationProducer(tiny_spec(corpus, model={"dtype": "bfloat16"}).model_dump_json())
     assert str(next(half.lm.model.parameters()).dtype) == "torch.bfloat16" and half.info()["device"] == "cpu"
     a, b = full.next_batch()[1], half.next_batch()[1]
-    assert b[RESID].dtype == np.float32
+    assert a[RESID].dtype == np.float32 and b[RESID].dtype == BFLOAT16  # half the bytes through the object store
+    assert b[RESID].nbytes * 2 == a[RESID].nbytes
     np.testing.assert_array_equal(a[TOKEN_IDS], b[TOKEN_IDS])
-    assert np.abs(a[RESID] - b[RESID]).mean() < 0.05 * np.abs(a[RESID]).mean() + 1e-3
+    b_float = b[RESID].astype(np.float32)
+    assert np.abs(a[RESID] - b_float).mean() < 0.05 * np.abs(a[RESID]).mean() + 1e-3
 
 
 def test_trust_remote_code_needs_the_server_to_allow_it(corpus, monkeypatch):
