@@ -54,6 +54,7 @@ class SAEConfig:
     architecture: str = "topk"
     auxk_alpha: float = 1 / 32
     k_aux: int | None = None  # None: d_in // 2, the common heuristic
+    auxk_fit_scale: bool = True  # scale each token's AuxK reconstruction to its least-squares fit (see below)
     initialization: str = "subspace"
     variance_share: float = 0.99
     subspace_rank: int | None = None  # explicit rank; wins over variance_share
@@ -124,6 +125,22 @@ class SAEOutput:
     sparsity_loss: Tensor | None = None  # relu: normalized weighted L1; jumprelu: L0 (mean active per token)
     sparsity_coefficient: float = 0.0  # the warmed-up coefficient applied this step
     metrics: dict[str, Tensor] = field(default_factory=dict)  # extra scalars to log (0-dim tensors)
+
+
+@torch.no_grad()
+def _residual_fit_scale(residual: Tensor, residual_hat: Tensor) -> Tensor:
+    """Per token, the factor s in [0, 1] that brings the AuxK reconstruction ê closest to the residual e.
+
+    The k_aux dead latents are picked, and get their values, from their pre-activations on the input x, whose
+    scale is the input's, not the residual's: summed, they overshoot e (an AuxK loss near or above 1), and
+    the steepest way down that loss is then to shrink every dead latent's pre-activation — which keeps them
+    dead (measured: 14.0% dead with AuxK against 9.3% without, issue 19). With ê rescaled by its own fit
+    (no gradient through s) the shrinking direction is gone from the gradient, and what is left pushes up
+    the dead latents that explain the residual better than the others and turns their decoder rows
+    toward it. Never above 1: the term only removes overshoot, it does not amplify an undershoot.
+    """
+    fit = (residual * residual_hat).sum(dim=1, keepdim=True) / residual_hat.pow(2).sum(dim=1, keepdim=True)
+    return torch.nan_to_num(fit, nan=0.0).clamp(0.0, 1.0)
 
 
 def unit_rows(weight: Tensor) -> Tensor:
@@ -239,7 +256,7 @@ class SparseAutoencoder(nn.Module):
         auxk_loss = x.new_zeros(())
         if aux_wanted and (aux_acts.shape[1] > 0 or self.mesh.sharded):
             # Reconstruct the residual from dead latents only; normalized by the residual's own variance (as
-            # sparsify does) so the term keeps its weight as the main FVU falls.
+            # Gao et al.'s code does) so the term keeps its weight as the main FVU falls.
             residual = (x - x_hat).detach()
             if self.mesh.sharded:
                 # A shard offers min(k_aux, its dead latents) candidates: pad to k_aux so every shard gathers
@@ -249,6 +266,8 @@ class SparseAutoencoder(nn.Module):
                 aux_acts = aux_acts * self.mesh.select_global(aux_acts, cfg.effective_k_aux)
             residual_hat = self.mesh.sum_across_shards(
                 sparse_decode(aux_acts, aux_indices, self.W_dec, sparse_grads=cfg.sparse_grads))
+            if cfg.auxk_fit_scale:
+                residual_hat = residual_hat * _residual_fit_scale(residual, residual_hat)
             auxk_loss = (residual - residual_hat).pow(2).sum() / variance_denominator(residual)
             auxk_loss = torch.nan_to_num(auxk_loss, nan=0.0, posinf=0.0)
         loss = fvu + cfg.auxk_alpha * auxk_loss

@@ -58,7 +58,10 @@ def test_topk_matches_dense_reference_values_and_gradients():
     aux_acts, aux_idx = torch.relu(masked).topk(sae.cfg.effective_k_aux, dim=1)
     residual = (xs - x_hat).detach()
     residual_hat = torch.zeros(64, 64).scatter(1, aux_idx, aux_acts) @ unit_rows(sae.W_dec)
-    auxk = (residual - residual_hat).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
+    with torch.no_grad():  # each token's AuxK decode scaled by its least-squares fit in [0, 1]
+        fit = ((residual * residual_hat).sum(1, keepdim=True) / residual_hat.pow(2).sum(1, keepdim=True))
+        fit = fit.nan_to_num(0.0).clamp(0.0, 1.0)
+    auxk = (residual - fit * residual_hat).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum()
     loss = fvu + sae.cfg.auxk_alpha * auxk
     loss.backward()
     assert torch.allclose(out.x_hat, x_hat, atol=1e-5)
