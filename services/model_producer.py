@@ -47,11 +47,14 @@ class ActivationProducer:
         self.index = producer_index
         self.hooks = self.spec.hooks()
         deepest = max(hook.layer for hook in self.hooks)
+        started = time.perf_counter()
         # A producer given several GPUs spreads the kept blocks over them; it never loads the LM head.
         self.lm = load_language_model(self.spec.model, keep_layers=deepest + 1, device=producer_device(),
                                       gpus=len(ray.get_gpu_ids()) if ray.is_initialized() else 1, lm_head=False)
         self.stream_dtype = stream_dtype(self.spec, self.lm.device)  # bf16 on a GPU: half the bytes downstream
+        self.model_load_s = time.perf_counter() - started
         pieces = corpus_pieces(self.spec.data)  # a list of files / row groups / ranges: nothing read yet
+        self.corpus_list_s = time.perf_counter() - started - self.model_load_s
         self.fingerprint = corpus_fingerprint(pieces)
         self.corpus_documents = known_documents(pieces)
         self.corpus_pieces = pieces
@@ -78,6 +81,7 @@ class ActivationProducer:
         return {"num_layers": self.lm.num_layers, "kept_layers": self.lm.kept_layers, "d_model": self.lm.d_model,
                 "hooks": [hook.name for hook in self.hooks], "pieces": self.pieces,
                 "corpus_pieces": len(self.corpus_pieces), "corpus_documents": self.corpus_documents,
+                "model_load_s": self.model_load_s, "corpus_list_s": self.corpus_list_s,
                 "device": str(self.lm.device), "dtype": self.spec.model.dtype, "model": self.spec.model.label,
                 "corpus_fingerprint": self.fingerprint}
 

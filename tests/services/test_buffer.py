@@ -134,3 +134,55 @@ def test_cache_written_to_s3_reads_back_the_same_batches(local_ray, spec):
     for key in (RESID, ATTN):
         np.testing.assert_array_equal(np.concatenate([b[key] for b in again])[np.argsort(read_rows)], by_id[key])
     assert not np.array_equal(read_rows[:BATCH], rows[:BATCH])  # shuffled, not replayed in order
+
+
+@pytest.fixture(scope="module")
+def pieces_spec(tmp_path_factory) -> JobSpec:
+    """Two Parquet files of four row groups: a stream that crosses files and row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("pieces")
+    rng = np.random.default_rng(3)
+    words = ["alpha", "beta", "gamma", "delta", "sigma", "omega", "theta", "kappa"]
+    for f in range(2):
+        texts = [f"f{f}d{i} " + " ".join(rng.choice(words, size=int(rng.integers(10, 50)))) for i in range(16)]
+        pq.write_table(pa.table({"text": texts}), folder / f"part{f}.parquet", row_group_size=4)
+    return JobSpec.model_validate({
+        "model": {"random": {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "intermediate_size": 32}},
+        "hook": {"layer": 1}, "dictionaries": [{"k": 4}],
+        "data": {"source": str(folder), "context_length": 32, "holdout_fraction": 0.0},
+        "training": {"batch_tokens": BATCH, "tokens": 960}})
+
+
+def test_a_snapshot_mid_file_resumes_the_batches_of_the_straight_run(local_ray, pieces_spec):
+    # one producer: with several, the order their batches reach the mixer is a race (the rows are the same)
+    straight = ray.remote(ActivationBuffer).remote(_producers(pieces_spec, n=1), 2, mix_batches=2,
+                                                   batch_rows=BATCH, seed=5)
+    first = [ray.get(ray.get(straight.batch.remote(i))[0]) for i in range(4)]
+    state = ray.get(straight.snapshot.remote(2))  # as a checkpoint after batch 2 saves it
+    rest = _drain(straight)
+    (cursor,) = state["cursors"]  # the producer's cursor is saved with its offset: mid-file, past row 0
+    assert cursor["row"] > 0 and (cursor["piece"], cursor["doc"]) != (0, 0), cursor
+    resumed = ray.remote(ActivationBuffer).remote(_producers(pieces_spec, n=1), 2, mix_batches=2,
+                                                  batch_rows=BATCH, seed=5)  # a new producer, as in a resumed job
+    ray.get(resumed.restore.remote(state, 2))
+    again = _drain(resumed)
+    expected = first[2:] + rest
+    assert len(again) == len(expected)
+    for a, b in zip(again, expected, strict=True):
+        np.testing.assert_array_equal(a[ROW_IDS], b[ROW_IDS])
+        np.testing.assert_array_equal(a[TOKEN_IDS], b[TOKEN_IDS])
+        np.testing.assert_allclose(a[RESID], b[RESID], rtol=1e-5, atol=1e-5)
+    assert ray.get(resumed.stats.remote())["producer_seeks"] == 1  # the producer read from its cursor on
+
+
+def test_the_last_step_of_a_finite_stream_ends_for_every_replica_together(local_ray, pieces_spec):
+    buffer = ray.remote(ActivationBuffer).remote(_producers(pieces_spec), 2, batch_rows=BATCH)
+    total = sum(len(b[ROW_IDS]) for b in _drain(ray.remote(ActivationBuffer).remote(
+        _producers(pieces_spec), 2, batch_rows=BATCH)))
+    full_steps = total // (2 * BATCH)
+    for step in range(full_steps):
+        assert [len(ray.get(ray.get(buffer.batch.remote(2 * step + r, 2))[0])[ROW_IDS]) for r in (0, 1)] == [BATCH] * 2
+    assert ray.get(buffer.batch.remote(2 * full_steps + 1, 2)) == []  # the second replica asks first
+    assert ray.get(buffer.batch.remote(2 * full_steps, 2)) == []
