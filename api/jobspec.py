@@ -242,7 +242,7 @@ class DictionarySpec(Strict):
 class TrainingSpec(Strict):
     # Upper bounds here are what no machine runs (the service has its own, tighter SAEFORGE_MAX_TOKENS);
     # they keep absurd numbers from reaching torch, numpy and the database as overflows.
-    tokens: Annotated[int, Field(gt=0, le=10**13)] = 600_000
+    tokens: Annotated[int, Field(gt=0, le=10**13)] = 393_216  # 96 steps: one pass over the embedded corpus
     batch_tokens: Annotated[int, Field(gt=0, le=1_048_576)] = 4096
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     warmup_steps: Annotated[int, Field(ge=0, le=10**9)] = 20
