@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+from subspace_init import capture_activations  # the sibling script (this folder is on sys.path)
 
-from benchmarks.subspace_init import capture_activations
 from trainers.metrics import FiringTracker
 from trainers.sae import SAEConfig, SparseAutoencoder
 
