@@ -198,7 +198,7 @@ class DictionarySpec(Strict):
     k: Annotated[int, Field(gt=0, le=65_536)] = 32
     auxk_alpha: Annotated[float, Field(ge=0.0)] = 1 / 32
     k_aux: Annotated[int, Field(gt=0, le=65_536)] | None = None
-    # AuxK's dead-latent reconstruction scaled per token to its least-squares fit (trainers/sae.py; false: Gao et al.'s form)
+    # AuxK's reconstruction scaled per token to its least-squares fit (trainers/sae.py); false: Gao et al.'s form
     auxk_fit_scale: bool = True
     dead_window_tokens: Annotated[int, Field(gt=0, le=10**13)] = 1_000_000
     lr: Annotated[float, Field(gt=0.0)] | None = Field(None, description="default: 2e-4 / sqrt(latents / 2**14)")
