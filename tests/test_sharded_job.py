@@ -20,7 +20,10 @@ def _job(spec, tmp_path, name: str, ranks: int):
         "output": spec.output.model_copy(update={"uri": str(tmp_path / name)}),
     })
     result = run_job(spec, quiet=True)
-    history = MlflowClient(result.mlflow_uri).get_metric_history(result.child_runs["tiny-topk"], "loss")
+    # FVU, not the loss: the loss adds auxk_alpha · AuxK from the step the first latent crosses the 50,000-token
+    # dead window, a hard threshold on a counter that the rounding drift below moves by a step or two (measured:
+    # AuxK switched on at step 51 on two shards and 53 on one, a jump of ~1/32 in the loss between them).
+    history = MlflowClient(result.mlflow_uri).get_metric_history(result.child_runs["tiny-topk"], "fvu")
     weights = load_file(f"{result.dictionaries['tiny-topk']['saelens_uri']}/sae_weights.safetensors")
     return result.dictionaries["tiny-topk"], [m.value for m in sorted(history, key=lambda m: m.step)], weights
 
