@@ -286,10 +286,14 @@ def _arrow_rows(piece: Piece, text_field: str):
 
 
 def is_held_out(piece: Piece, index: int, fraction: float, seed: int) -> bool:
-    """Whether document `index` of `piece` is held out: a fixed pseudo-random draw per document."""
+    """Whether document `index` of `piece` is held out: a fixed pseudo-random draw per document.
+
+    Drawn from the file's name, not its whole path, so the same corpus copied to another folder or bucket keeps
+    the same held-out documents."""
     if fraction <= 0:
         return False
-    digest = hashlib.blake2b(f"{seed}|{piece.key}|{index}".encode(), digest_size=8).digest()
+    name = f"{piece.path.rsplit('/', 1)[-1]}#{piece.part}"
+    digest = hashlib.blake2b(f"{seed}|{name}|{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") < fraction * 2.0**64
 
 

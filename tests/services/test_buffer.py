@@ -37,7 +37,7 @@ def spec(tmp_path_factory) -> JobSpec:
     return JobSpec.model_validate({
         "model": {"random": {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "intermediate_size": 32}},
         "hook": {"layer": 1}, "dictionaries": [{"k": 4}, {"hook": {"layer": 0, "site": "attn_out"}, "k": 4}],
-        "data": {"source": str(path), "context_length": 32, "holdout_fraction": 0.05},
+        "data": {"source": str(path), "context_length": 32, "holdout_fraction": 0.1},  # document 1 held out
         "training": {"batch_tokens": BATCH, "tokens": 960}})
 
 
