@@ -26,7 +26,7 @@ import torch
 
 from api.jobspec import JobSpec
 from services.data import documents
-from services.models import capture, load_language_model, run_blocks
+from services.models import capture, load_language_model, run_blocks, submodule
 from services.remote_code import check_remote_code
 from services.windows import TokenWindows
 from storage.analysis import analysis_uri, write_analysis, write_delphi_cache
@@ -65,16 +65,12 @@ def load_dictionary(output_uri: str, name: str) -> tuple[dict[str, torch.Tensor]
 
 def final_norm(model: torch.nn.Module) -> tuple[torch.Tensor | None, bool]:
     """(elementwise weight of the model's final norm, whether it centres: LayerNorm) — None when it has none."""
-    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"):
-        module = model
-        try:
-            for part in path.split("."):
-                module = getattr(module, part)
-        except AttributeError:
-            continue
-        weight = getattr(module, "weight", None)
-        return (weight.detach() if weight is not None else None), isinstance(module, torch.nn.LayerNorm)
-    return None, False
+    norm = submodule(model, ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
+                             "model.decoder.final_layer_norm"))
+    if norm is None:
+        return None, False
+    weight = getattr(norm, "weight", None)
+    return (weight.detach() if weight is not None else None), isinstance(norm, torch.nn.LayerNorm)
 
 
 def analysis_device() -> torch.device:

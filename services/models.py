@@ -149,16 +149,25 @@ def device_map_for(model_class, config, gpus: int, dtype: torch.dtype,
     return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "layers", "h"):
+def submodule(model: nn.Module, paths: tuple[str, ...], kind: type = nn.Module) -> nn.Module | None:
+    """The first of the dotted `paths` (the places model families keep a part) that exists and is a `kind`."""
+    for path in paths:
         module = model
         try:
             for part in path.split("."):
                 module = getattr(module, part)
         except AttributeError:
             continue
-        if isinstance(module, nn.ModuleList):
+        if isinstance(module, kind):
             return module
+    return None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = submodule(model, ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "layers",
+                               "h"), nn.ModuleList)
+    if layers is not None:
+        return layers
     raise ValueError(f"model.name: cannot find the transformer blocks of {type(model).__name__}; "
                      "supported: Llama/Mistral/Qwen-style (model.layers), GPT-2 (transformer.h), GPT-NeoX")
 
