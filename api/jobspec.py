@@ -22,6 +22,8 @@ from api.paths import Uri
 
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# The architectures with k active latents per token, trained on the sparse kernels (row-sparse gradients).
+K_SPARSE = ("topk", "batchtopk", "abstopk")
 # A Hugging Face hub id, optionally at a revision: org/name[@revision] (a relative path that exists wins).
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,128})?")
 
@@ -192,7 +194,8 @@ class DataSpec(Strict):
 class DictionarySpec(Strict):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="default: <site>-<layer>-<architecture>-<M>")
     hook: HookSpec | None = Field(None, description="default: the job's top-level hook")
-    architecture: Literal["topk", "batchtopk", "jumprelu", "relu"] = "topk"
+    architecture: Literal["topk", "batchtopk", "abstopk", "jumprelu", "relu"] = Field(
+        "topk", description="abstopk: top k by |pre-activation|, signed codes (trainers/sae.py)")
     latents: Annotated[int, Field(gt=0, le=2**30)] | None = None
     expansion_factor: Annotated[int, Field(gt=0, le=65_536)] | None = None
     k: Annotated[int, Field(gt=0, le=65_536)] = 32
@@ -224,7 +227,7 @@ class DictionarySpec(Strict):
             raise ValueError("give either latents or expansion_factor for a dictionary, not both")
         if self.latents is None and self.expansion_factor is None:
             self.expansion_factor = 8
-        if self.architecture in ("topk", "batchtopk") and self.latents is not None and self.k >= self.latents:
+        if self.architecture in K_SPARSE and self.latents is not None and self.k >= self.latents:
             raise ValueError(f"k ({self.k}) must be smaller than latents ({self.latents}); lower k or raise latents")
         if self.subspace_rank is not None and self.initialization != "subspace":
             raise ValueError("subspace_rank applies to initialization 'subspace' only; remove subspace_rank or "
@@ -440,7 +443,7 @@ class JobSpec(Strict):
             return False
         architecture, cluster = self.dictionaries[index].architecture, self.cluster
         problems = []
-        if architecture not in ("topk", "batchtopk"):
+        if architecture not in K_SPARSE:
             problems.append(f"dictionaries[{index}] is {architecture}, whose gradients are dense")
         if bf16:
             problems.append("training.precision is bf16")

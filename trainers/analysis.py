@@ -251,8 +251,9 @@ def sparse_code(x: Tensor, tensors: dict[str, Tensor], architecture: str, k: int
 
     W_enc, b_enc, b_dec = tensors["W_enc"], tensors["b_enc"], tensors["b_dec"]
     centred = x.to(W_enc.dtype) - b_dec
-    if architecture == "topk":
-        values, indices, _, _ = topk_encode(centred, W_enc.T, b_enc, int(k), chunk=chunk)
+    if architecture in ("topk", "abstopk"):
+        values, indices, _, _ = topk_encode(centred, W_enc.T, b_enc, int(k), chunk=chunk,
+                                            signed=architecture == "abstopk")
         return values, indices
     threshold = tensors.get("threshold")
     rows, cols, vals = [], [], []

@@ -54,14 +54,25 @@ def topk_blockwise(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return top_values, columns.gather(1, positions)
 
 
-def _merge_topk(values: Tensor, indices: Tensor, new_values: Tensor, new_indices: Tensor, k: int
-                ) -> tuple[Tensor, Tensor]:
+def _merge_topk(values: Tensor, indices: Tensor, new_values: Tensor, new_indices: Tensor, k: int,
+                by_magnitude: bool = False) -> tuple[Tensor, Tensor]:
     values = torch.cat([values, new_values], dim=1)
     indices = torch.cat([indices, new_indices], dim=1)
     if values.shape[1] <= k:
         return values, indices
+    if by_magnitude:
+        positions = values.abs().topk(k, dim=1, sorted=False).indices
+        return values.gather(1, positions), indices.gather(1, positions)
     values, positions = values.topk(k, dim=1, sorted=False)
     return values, indices.gather(1, positions)
+
+
+def _select(pre: Tensor, k: int, signed: bool, magnitudes: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Row-wise top-k of `pre` (signed: by |pre| into the reused `magnitudes` buffer, returning signed values)."""
+    if not signed:
+        return topk_blockwise(pre, k)
+    _, indices = topk_blockwise(torch.abs(pre, out=magnitudes), k)
+    return pre.gather(1, indices), indices
 
 
 @contextmanager
@@ -111,44 +122,50 @@ def _weight_grad(rows: Tensor, values: Tensor, like: Tensor, sparse: bool) -> Te
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk: int, dead_mask: Tensor | None,
-                k_aux: int, sparse_grads: bool):
+                k_aux: int, sparse_grads: bool, signed: bool):
         n, m = x.shape[0], W_enc.shape[0]
         k = min(k, m)
         top_v = x.new_empty(n, 0)
         top_i = torch.empty(n, 0, dtype=torch.long, device=x.device)
         aux_v, aux_i = top_v, top_i
         dead_rows = dead_mask.nonzero().squeeze(1) if dead_mask is not None and k_aux > 0 else None
-        buffer = None
+        buffer = magnitudes = None
         for start in range(0, m, chunk):
             stop = min(start + chunk, m)
             width = stop - start
             if buffer is None or buffer.shape[1] != width:
                 buffer = x.new_empty(n, width)
+                magnitudes = x.new_empty(n, width) if signed else None
             # addmm into one reused buffer (no page faults per chunk). Folding the bias in as a column of ones
             # (K = d + 1) measured slower: MKL prefers the aligned K.
             pre = torch.addmm(b_enc[start:stop], x, W_enc[start:stop].T, out=buffer)
-            values, indices = topk_blockwise(pre, min(k, width))
-            top_v, top_i = _merge_topk(top_v, top_i, values, indices + start, k)
+            values, indices = _select(pre, min(k, width), signed, magnitudes)
+            top_v, top_i = _merge_topk(top_v, top_i, values, indices + start, k, signed)
             if dead_rows is not None:
                 lo, hi = torch.searchsorted(dead_rows, torch.tensor([start, stop], device=x.device)).tolist()
                 if hi > lo:
                     local = dead_rows[lo:hi] - start
                     dead_pre = pre.index_select(1, local)
-                    values, positions = topk_blockwise(dead_pre, min(k_aux, hi - lo))
-                    aux_v, aux_i = _merge_topk(aux_v, aux_i, values, local[positions] + start, k_aux)
-        # ReLU after the selection: monotone, so top-k of ReLU(pre) = ReLU(top-k of pre) (ties at 0 aside).
-        top_v = top_v.clamp_min(0)
-        aux_v = aux_v.clamp_min(0)
+                    values, positions = _select(dead_pre, min(k_aux, hi - lo), signed, None)
+                    aux_v, aux_i = _merge_topk(aux_v, aux_i, values, local[positions] + start, k_aux, signed)
+        if not signed:
+            # ReLU after the selection: monotone, so top-k of ReLU(pre) = ReLU(top-k of pre) (ties at 0 aside).
+            top_v = top_v.clamp_min(0)
+            aux_v = aux_v.clamp_min(0)
         ctx.save_for_backward(x, W_enc, top_v, top_i, aux_v, aux_i)
         ctx.sparse_grads = sparse_grads
+        ctx.signed = signed
         ctx.mark_non_differentiable(top_i, aux_i)
         return top_v, top_i, aux_v, aux_i
 
     @staticmethod
     def backward(ctx, grad_top, _grad_top_i, grad_aux, _grad_aux_i):
         x, W_enc, top_v, top_i, aux_v, aux_i = ctx.saved_tensors
-        # The gradient reaches a pre-activation only where ReLU passed it.
-        weights = torch.cat([grad_top * (top_v > 0), grad_aux * (aux_v > 0)], dim=1)
+        # The gradient reaches a pre-activation only where ReLU passed it (signed codes: every selected one).
+        if ctx.signed:
+            weights = torch.cat([grad_top, grad_aux], dim=1)
+        else:
+            weights = torch.cat([grad_top * (top_v > 0), grad_aux * (aux_v > 0)], dim=1)
         indices = torch.cat([top_i, aux_i], dim=1)
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -160,20 +177,22 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc.shape[0], dtype=weights.dtype, device=weights.device)
             grad_b.index_add_(0, indices.reshape(-1), weights.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None, None, None, None
 
 
 def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, chunk: int = 8192,
-                dead_mask: Tensor | None = None, k_aux: int = 0, sparse_grads: bool = False
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                dead_mask: Tensor | None = None, k_aux: int = 0, sparse_grads: bool = False,
+                signed: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(acts [N, k], indices [N, k], aux_acts [N, k_aux'], aux_indices [N, k_aux']) of ReLU(x W_encᵀ + b_enc).
 
     `x` is the already-centred input (x − b_dec). acts/indices: the row-wise top-k; aux: the top-k_aux among
     the latents of `dead_mask` (empty [N, 0] when there are none). Values are ReLU'd; order is unspecified.
+    `signed` (AbsTopK): the top-k by |pre-activation|, values kept with their sign (no ReLU).
     """
     if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
         raise ValueError(f"x [N, d] and W_enc [M, d] expected; got {tuple(x.shape)} and {tuple(W_enc.shape)}")
-    return _TopKEncode.apply(x, W_enc, b_enc, int(k), int(chunk), dead_mask, int(k_aux), bool(sparse_grads))
+    return _TopKEncode.apply(x, W_enc, b_enc, int(k), int(chunk), dead_mask, int(k_aux), bool(sparse_grads),
+                             bool(signed))
 
 
 class _SparseDecode(torch.autograd.Function):

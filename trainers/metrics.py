@@ -12,7 +12,8 @@ from torch import Tensor
 class FiringTracker:
     """Counts, per latent, the tokens since it last fired; a latent is dead once that reaches `window`.
 
-    A latent "fires" on a token when its activation exceeds `threshold` (1e-3, as in Gao et al.'s code).
+    A latent "fires" on a token when its activation exceeds `threshold` in magnitude (1e-3, as in Gao et al.'s
+    code).
     """
 
     def __init__(self, latents: int, window_tokens: int, device: torch.device | str | None = None,
@@ -26,7 +27,7 @@ class FiringTracker:
     @torch.no_grad()
     def batch_counts(self, acts: Tensor, indices: Tensor) -> Tensor:
         """Per latent, on how many of the batch's tokens it fired; acts, indices [N, k]."""
-        fired = indices[acts > self.threshold]
+        fired = indices[acts.abs() > self.threshold]  # AbsTopK codes fire in either direction
         return torch.bincount(fired, minlength=self.tokens_since_fired.numel())
 
     @torch.no_grad()

@@ -12,6 +12,8 @@ Architectures (one shared encoder/decoder core; the piece that differs is the ac
   θ (EMA of the smallest kept activation) is a buffer and is exported as a JumpReLU threshold. Selection is
   exact as long as no token holds more than `batchtopk_row_cap` (default 4k) of the batch's top N·k: the
   share of tokens at that cap is reported as `batchtopk_capped_rows`.
+- `abstopk` (arXiv 2510.00404): the top k latents by |W_enc(x − b_dec) + b_enc|, kept with their sign (no
+  ReLU), so one latent carries a bidirectional feature; AuxK picks dead latents by magnitude too (as SAELens).
 - `jumprelu` (arXiv 2407.14435): f = z·H(z − θ), θ = exp(log_threshold) per latent, straight-through threshold
   gradients with a rectangle kernel; loss FVU + λ·L0 with λ warmed up linearly over `sparsity_warmup` of
   training. The paper's ε = 0.001 and θ₀ = 0.001 assume inputs of unit mean squared norm; here they are
@@ -22,7 +24,7 @@ Architectures (one shared encoder/decoder core; the piece that differs is the ac
   growing the decoder does not cheat it; divided by the batch RMS so that λ does not depend on the scale of
   the activations). Exported with the norms folded into the encoder (unit decoder rows, same function).
 
-TopK and BatchTopK run on the sparse kernels of `trainers.kernels` (no N×M matrix); JumpReLU and ReLU are
+TopK, AbsTopK and BatchTopK run on the sparse kernels of `trainers.kernels` (no N×M matrix); JumpReLU and ReLU are
 dense by nature during training (their activations are not k-sparse and the threshold gradient needs every
 pre-activation near θ), so they use plain dense products and suit smaller dictionaries.
 """
@@ -42,7 +44,7 @@ from trainers.init import decoder_bias, principal_subspace, random_unit_rows, su
 from trainers.kernels import jumprelu, sparse_decode, step, topk_encode
 from trainers.parallel import ShardMesh
 
-ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
+ARCHITECTURES = ("topk", "batchtopk", "abstopk", "jumprelu", "relu")
 INITIALIZATIONS = ("subspace", "random")
 
 
@@ -83,7 +85,12 @@ class SAEConfig:
 
     @property
     def uses_k(self) -> bool:
-        return self.architecture in ("topk", "batchtopk")
+        return self.architecture in ("topk", "batchtopk", "abstopk")
+
+    @property
+    def signed(self) -> bool:
+        """Codes keep their sign (AbsTopK): a latent is active where its code is nonzero, not positive."""
+        return self.architecture == "abstopk"
 
     @property
     def uses_auxk(self) -> bool:
@@ -245,12 +252,12 @@ class SparseAutoencoder(nn.Module):
         acts, indices, aux_acts, aux_indices = topk_encode(
             x - self.b_dec, self.W_enc, self.b_enc, cfg.row_cap if batch else cfg.k, chunk=cfg.encoder_chunk,
             dead_mask=dead_mask if aux_wanted else None, k_aux=cfg.effective_k_aux if aux_wanted else 0,
-            sparse_grads=cfg.sparse_grads)
+            sparse_grads=cfg.sparse_grads, signed=cfg.signed)
         metrics: dict[str, Tensor] = {}
         if batch:
             acts, metrics = self._batch_select(acts)
         elif self.mesh.sharded:
-            acts = acts * self.mesh.select_global(acts, cfg.k)
+            acts = acts * self.mesh.select_global(acts.abs() if cfg.signed else acts, cfg.k)
         x_hat = self._decode_sum(sparse_decode(acts, indices, self.W_dec, sparse_grads=cfg.sparse_grads))
         fvu = (x - x_hat).pow(2).sum() / variance_denominator(x)
         auxk_loss = x.new_zeros(())
@@ -263,7 +270,8 @@ class SparseAutoencoder(nn.Module):
                 # the same width (zeros decode to nothing), then keep the global top-k_aux, as one rank would.
                 missing = cfg.effective_k_aux - aux_acts.shape[1]  # zero values at index 0 select nothing
                 aux_acts, aux_indices = F.pad(aux_acts, (0, missing)), F.pad(aux_indices, (0, missing))
-                aux_acts = aux_acts * self.mesh.select_global(aux_acts, cfg.effective_k_aux)
+                aux_acts = aux_acts * self.mesh.select_global(aux_acts.abs() if cfg.signed else aux_acts,
+                                                              cfg.effective_k_aux)
             residual_hat = self.mesh.sum_across_shards(
                 sparse_decode(aux_acts, aux_indices, self.W_dec, sparse_grads=cfg.sparse_grads))
             if cfg.auxk_fit_scale:
@@ -368,8 +376,8 @@ class SparseAutoencoder(nn.Module):
         threshold is the learned global θ on every latent, and so do we.
         """
         arch = self.cfg.architecture
-        if arch == "topk":
-            return {"architecture": "topk", "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+        if arch in ("topk", "abstopk"):
+            return {"architecture": arch, "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
         if arch in ("batchtopk", "jumprelu"):
             return {"architecture": "jumprelu"}
         return {"architecture": "standard"}

@@ -201,7 +201,7 @@ def train_worker(config: dict) -> None:
             with torch.no_grad():
                 fired = mesh.sum_over(d.tracker.batch_counts(out.latent_acts, out.latent_indices), "replicas")
                 d.tracker.update_counts(fired, rows_per_step)
-                active = (out.latent_acts > 0).sum(dim=-1).float().mean()  # this shard's part of L0
+                active = (out.latent_acts != 0).sum(dim=-1).float().mean()  # this shard's part of L0 (AbsTopK: signed)
                 window[d.name].append(torch.stack([out.fvu.detach().float(), out.auxk_loss.detach().float(),
                                                    out.loss.detach().float(), active.float()]))
         tokens += rows_per_step
@@ -284,7 +284,7 @@ def _finish(spec: JobSpec, index: int, d: Dictionary, held_out: dict | None, tok
         with torch.no_grad():
             out = sae(_input(d, held_out, device))
         sae.train()
-        active = mesh.sum_over((out.latent_acts > 0).sum(dim=-1).float().mean(), "shards")
+        active = mesh.sum_over((out.latent_acts != 0).sum(dim=-1).float().mean(), "shards")
         result.update(held_out_fvu=float(out.fvu), held_out_l0=float(active),
                       held_out_tokens=len(held_out[d.hook_name]))
     rank = ray.train.get_context().get_world_rank()

@@ -133,3 +133,13 @@ def test_output_formats_and_uris():
     with pytest.raises(JobSpecError) as error:
         parse_job_spec({"output": {"uri": "gs://bucket/a"}})
     assert "output.uri: the scheme 'gs' is not supported" in str(error.value)
+
+
+def test_abstopk_dictionary_is_k_sparse():
+    spec = parse_job_spec({"dictionaries": [{"architecture": "abstopk", "latents": 128, "k": 8}]})
+    assert spec.dictionaries[0].architecture == "abstopk"
+    assert spec.lazy_adam(0, bf16=False)  # row-sparse gradients, as TopK
+    assert spec.dictionary_name(0).startswith("resid_post-3-abstopk-128")
+    with pytest.raises(JobSpecError) as error:
+        parse_job_spec({"dictionaries": [{"architecture": "abstopk", "latents": 64, "k": 64}]})
+    assert "k (64) must be smaller than latents (64)" in str(error.value)

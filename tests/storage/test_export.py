@@ -1,10 +1,10 @@
-"""The sparsify export: a trained TopK dictionary written by storage/export.py loads in EleutherAI's sparsify
-and computes the same reconstruction."""
+"""The exports: a trained TopK dictionary written by storage/export.py loads in EleutherAI's sparsify
+and computes the same reconstruction; the newer kinds load in SAELens as their own architectures."""
 
 import pytest
 import torch
 
-from storage.export import save_sparsify
+from storage.export import saelens_config, save_saelens, save_sparsify
 from trainers.sae import SAEConfig, SparseAutoencoder
 
 
@@ -24,3 +24,25 @@ def test_sparsify_export_loads_and_reconstructs_the_same(tmp_path):
     with torch.no_grad():
         theirs = coder(x).sae_out
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["abstopk"])
+def test_saelens_export_of_the_newer_kinds_loads_and_reconstructs_the_same(tmp_path, arch):
+    """saelens_config + save_saelens (the job's path): SAELens reads the architecture and computes our x̂."""
+    sae_lens = pytest.importorskip("sae_lens")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=g) * 2 + 0.3
+    sae = SparseAutoencoder(SAEConfig(d_in=16, latents=64, k=4, architecture=arch, initialization="random"))
+    sae.initialize(x, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.W_enc.add_(0.2 * torch.randn(64, 16, generator=g))
+        sae.b_enc.add_(0.05 * torch.randn(64, generator=g))
+        out = sae.eval()(x)
+    if arch == "abstopk":
+        assert bool((out.latent_acts < 0).any()), "no negative code: the export check would not see the sign"
+    config = saelens_config(16, 64, sae.export_config(), {"hook_name": "blocks.1.hook_resid_post"})
+    loaded = sae_lens.SAE.load_from_disk(save_saelens(str(tmp_path / arch), sae.export_tensors(), config))
+    assert loaded.cfg.architecture() == sae.export_config()["architecture"]
+    with torch.no_grad():
+        theirs = loaded(x)
+    torch.testing.assert_close(theirs, out.x_hat, rtol=1e-4, atol=1e-4)

@@ -13,6 +13,7 @@ D, M, N, K = 16, 64, 40, 4
 # case -> (architecture, dead latents). The last case has dead latents on shard 0 only, fewer than k_aux: the
 # shards then disagree on how many AuxK candidates they have, and shard 1 on whether there are any.
 CASES = {"topk": ("topk", slice(None, None, 3)), "batchtopk": ("batchtopk", slice(None, None, 3)),
+         "abstopk": ("abstopk", slice(None, None, 3)),
          "relu": ("relu", slice(None, None, 3)), "jumprelu": ("jumprelu", slice(None, None, 3)),
          "topk-dead-on-one-shard": ("topk", slice(0, 5))}
 

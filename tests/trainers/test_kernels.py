@@ -68,6 +68,33 @@ def test_topk_encode_gradients_match_dense(sparse_grads):
         assert W.grad is not None
 
 
+@pytest.mark.parametrize("chunk", [7, 16, 64])
+def test_signed_topk_encode_selects_by_magnitude_and_keeps_the_sign(chunk):
+    """AbsTopK: the top k of |pre| (and of |pre| among dead latents), signed values; gradients as dense."""
+    torch.manual_seed(6)
+    x = torch.randn(9, 6, requires_grad=True)
+    W = torch.randn(50, 6, requires_grad=True)
+    b = torch.randn(50, requires_grad=True)
+    dead = torch.rand(50) < 0.4
+    acts, idx, aux_acts, aux_idx = topk_encode(x, W, b, 4, chunk=chunk, dead_mask=dead, k_aux=3, signed=True)
+    pre = x @ W.T + b
+    ref_i = pre.abs().topk(4, dim=1).indices
+    assert torch.equal(idx.sort(dim=1).values, ref_i.sort(dim=1).values)
+    torch.testing.assert_close(acts, pre.gather(1, idx))
+    assert bool((acts < 0).any())
+    ref_aux = pre.abs().masked_fill(~dead, -1.0).topk(3, dim=1).indices
+    assert torch.equal(aux_idx.sort(dim=1).values, ref_aux.sort(dim=1).values)
+    torch.testing.assert_close(aux_acts, pre.gather(1, aux_idx))
+    g1, g2 = torch.randn_like(acts), torch.randn_like(aux_acts)
+    ((acts * g1).sum() + (aux_acts * g2).sum()).backward()
+    got = [x.grad.clone(), W.grad.clone(), b.grad.clone()]
+    x.grad = W.grad = b.grad = None
+    pre = x @ W.T + b
+    ((pre.gather(1, idx) * g1).sum() + (pre.gather(1, aux_idx) * g2).sum()).backward()
+    for g, r in zip(got, [x.grad, W.grad, b.grad], strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
 def test_topk_encode_gradcheck_float64():
     torch.manual_seed(4)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)

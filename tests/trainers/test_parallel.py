@@ -44,4 +44,5 @@ def test_two_shards_equal_one_dictionary(case, sharded_results):
 
 def test_auxk_is_active_in_the_comparison(sharded_results):
     assert float(sharded_results[0]["topk"]["auxk"]) > 0
+    assert float(sharded_results[0]["abstopk"]["auxk"]) > 0
     assert float(sharded_results[1]["topk-dead-on-one-shard"]["auxk"]) > 0  # shard 1 has none dead itself

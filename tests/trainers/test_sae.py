@@ -8,7 +8,7 @@ import torch
 from trainers.metrics import FiringTracker
 from trainers.sae import SAEConfig, SparseAutoencoder, sae_config_from_spec, unit_rows
 
-ARCHS = ["topk", "batchtopk", "jumprelu", "relu"]
+ARCHS = ["topk", "batchtopk", "abstopk", "jumprelu", "relu"]
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +38,18 @@ def make(arch, latents=64, k=4, **kw):
     return sae, x, info
 
 
-def test_topk_matches_dense_reference_values_and_gradients():
-    sae, x, _ = make("topk", encoder_chunk=24)
+def dense_select(pre, k, signed):
+    """Row-wise top-k: of ReLU(pre) (TopK), or by |pre| keeping the sign (AbsTopK); -inf entries never win."""
+    if signed:
+        idx = pre.abs().topk(k, dim=1).indices
+        return pre.gather(1, idx), idx
+    return torch.relu(pre).topk(k, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["topk", "abstopk"])
+def test_topk_matches_dense_reference_values_and_gradients(arch):
+    sae, x, _ = make(arch, encoder_chunk=24)
+    signed = arch == "abstopk"
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
     out = sae(x[:64], dead)
@@ -49,13 +59,19 @@ def test_topk_matches_dense_reference_values_and_gradients():
 
     xs = x[:64]
     pre = (xs - sae.b_dec) @ sae.W_enc.T + sae.b_enc
-    acts, idx = torch.relu(pre).topk(4, dim=1)
+    acts, idx = dense_select(pre, 4, signed)
+    if signed:
+        assert bool((acts < 0).any()), "the comparison has no negative code"
     dense = torch.zeros(64, 64).scatter(1, idx, acts)
     x_hat = dense @ unit_rows(sae.W_dec) + sae.b_dec
     denom = (xs - xs.mean(0)).pow(2).sum()
     fvu = (xs - x_hat).pow(2).sum() / denom
-    masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
-    aux_acts, aux_idx = torch.relu(masked).topk(sae.cfg.effective_k_aux, dim=1)
+    if signed:  # dead latents by magnitude: live ones are pushed below every dead |pre|
+        aux_idx = torch.where(dead, pre.abs(), torch.full_like(pre, -1.0)).topk(sae.cfg.effective_k_aux, dim=1)[1]
+        aux_acts = pre.gather(1, aux_idx)
+    else:
+        masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+        aux_acts, aux_idx = torch.relu(masked).topk(sae.cfg.effective_k_aux, dim=1)
     residual = (xs - x_hat).detach()
     residual_hat = torch.zeros(64, 64).scatter(1, aux_idx, aux_acts) @ unit_rows(sae.W_dec)
     with torch.no_grad():  # each token's AuxK decode scaled by its least-squares fit in [0, 1]
@@ -95,8 +111,8 @@ def test_every_architecture_learns(arch):
     # TopK-style dictionaries start from the least-squares encoder scale (already FVU ~0.5 here), the others
     # from W_enc = W_dec (FVU ~1): each must at least reach 0.4 and gain a quarter on its start.
     assert float(final.fvu) < 0.75 * start and float(final.fvu) < 0.4, (start, float(final.fvu))
-    l0 = float((final.latent_acts > 0).sum(1).float().mean())
-    if arch == "topk":
+    l0 = float((final.latent_acts != 0).sum(1).float().mean())
+    if arch in ("topk", "abstopk"):
         assert l0 <= 4
     if arch == "batchtopk":
         assert float(sae.threshold) > 0
@@ -198,8 +214,9 @@ def test_export_keeps_the_function(arch):
     xs = x[:64]
     pre = (xs - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"]
     cfg = sae.export_config()
-    if cfg["architecture"] == "topk":
-        acts = torch.zeros_like(pre).scatter(1, *reversed(torch.relu(pre).topk(cfg["k"], dim=1)))
+    if cfg["architecture"] in ("topk", "abstopk"):
+        acts, idx = dense_select(pre, cfg["k"], cfg["architecture"] == "abstopk")
+        acts = torch.zeros_like(pre).scatter(1, idx, acts)
     elif cfg["architecture"] == "jumprelu":
         acts = torch.relu(pre) * (pre > tensors["threshold"])
     else:
