@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field, ValidationError
 from api.auth import Authenticator
 from api.capacity import Capacity, check_capacity, cluster_capacity, model_shape
 from api.jobspec import JobSpec, new_job_id
+from api.pages import router as pages_router
 from api.paths import PathPolicyError, check_spec_uris, walk_uris
 from api.progress import progress, snapshot
 from api.rayjobs import RayJobs, RayUnavailable, start_local_ray
@@ -41,6 +42,7 @@ from storage.uri import join, scheme
 
 log = logging.getLogger("saeforge.api")
 MAX_BODY_BYTES = 1 << 20
+CAPACITY_TTL_S = 60.0  # how long what Ray's nodes offer is taken as known
 MAX_JSON_DEPTH = 32  # a JobSpec is 4 levels deep; deeper bodies are refused before they are walked
 MISSING_MARKERS = ("does not exist", "matches no file")
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -135,7 +137,11 @@ class CompareRow(BaseModel):
     k: int | None = None
     l0: float | None = None
     fvu: float | None = None
-    dead_pct: float | None = None
+    dead_pct: float | None = Field(None, description="latents that did not fire in the last dead_window_tokens")
+    never_fired_pct: float | None = None
+    dead_window_tokens: int | None = None
+    dead_window_complete: bool | None = Field(
+        None, description="false: the run is shorter than its dead window, so dead_pct is 0 by construction")
     delta_lm_loss: float | None = None
     tokens_per_s: float | None = None
     tokens: int | None = None
@@ -256,6 +262,7 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.startup_error: str | None = None
         self._ray_capacity: dict[str, float] | None = None
+        self._capacity_read_at = 0.0
         self._starter = threading.Thread(target=self._connect, name="saeforge-connect", daemon=True)
 
     def start(self) -> None:
@@ -317,8 +324,10 @@ class Service:
 
     def capacity(self) -> Capacity:
         """The operator's per-rank budget, and what Ray's nodes offer (read once Ray answers)."""
-        if self._ray_capacity is None and self.ray is not None:
-            self._ray_capacity = ray_capacity(self.ray.address)
+        stale = time.monotonic() - self._capacity_read_at > CAPACITY_TTL_S  # nodes come and go (autoscaling)
+        if (self._ray_capacity is None or stale) and self.ray is not None:
+            self._ray_capacity = ray_capacity(self.ray.address) or self._ray_capacity
+            self._capacity_read_at = time.monotonic()
         return cluster_capacity(self._ray_capacity, self.settings.rank_memory_bytes)
 
     def check_places(self, data: dict[str, Any], owner: str) -> dict[str, Any]:
@@ -334,6 +343,7 @@ class Service:
             others = self.store.output_uris(exclude_owner=owner)
             for where, value in places:
                 mine = value.rstrip("/").split("/")
+                mine = mine[:next((i for i, part in enumerate(mine) if any(c in part for c in "*?[")), len(mine))]
                 for other in others:
                     theirs = other.rstrip("/").split("/")
                     if mine[:len(theirs)] == theirs or theirs[:len(mine)] == mine:
@@ -423,6 +433,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(_Invalid)
     async def _invalid_spec(_request: Request, error: _Invalid) -> JSONResponse:
         return _validation_response(error.items)
+
+    app.include_router(pages_router)  # the analysis: JSON routes and the latent pages (api/pages.py)
 
     @app.get("/healthz", response_model=Health, tags=["health"], summary="liveness")
     def healthz() -> Health:

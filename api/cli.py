@@ -41,8 +41,12 @@ def summary(result) -> str:
     lines = [f"job {result.job_id} finished in {result.seconds:,.0f} s"]
     for name, r in result.dictionaries.items():
         rate = r.get("tokens", 0) / max(r.get("train_seconds", 0) or result.seconds, 1e-9)
-        window_note = (f", longer than this run's {r['tokens']:,}" if r["dead_window_tokens"] > r["tokens"]
-                       else f"; {r['tokens']:,} tokens trained")
+        window = r["dead_window_tokens"]
+        if r.get("dead_window_complete", r["tokens"] >= window):
+            dead = (f"{100 * r['dead_fraction']:.2f}%   (no firing in the last {window:,} of the "
+                    f"{r['tokens']:,} tokens trained)")
+        else:  # no latent can be dead before one whole window: say so rather than print 0%
+            dead = f"not measured   (the dead window, {window:,} tokens, is longer than this run's {r['tokens']:,})"
         lines += [
             f"dictionary {name}",
             f"  held-out FVU      {r.get('held_out_fvu', float('nan')):.4f}   "
@@ -51,8 +55,7 @@ def summary(result) -> str:
             f"  L0                {r.get('held_out_l0', float('nan')):.1f}",
             f"  delta LM loss     {r.get('delta_lm_loss', float('nan')):.4f} nats   (CE loss recovered "
             f"{r.get('ce_loss_recovered', float('nan')):.3f}; clean CE {r.get('ce_clean', float('nan')):.3f})",
-            f"  dead latents      {100 * r['dead_fraction']:.2f}%   (no firing in the last "
-            f"{r['dead_window_tokens']:,} tokens{window_note}); never fired: {100 * r['never_fired_fraction']:.2f}%",
+            f"  dead latents      {dead}; never fired: {100 * r['never_fired_fraction']:.2f}%",
             f"  tokens/s          {rate:,.0f}",
             f"  saved to          {r.get('saelens_uri')}   (SAELens layout)",
             f"  firing plot       {r.get('firing_plot')}",
@@ -230,6 +233,10 @@ def _show_job(job: dict) -> str:
         lines.append(f"dictionary {d['name']}: " + ", ".join(x for x in parts if x) + f"  run {d['run_id']}")
         if d.get("output_uri"):
             lines.append(f"           saved to {d['output_uri']}")
+        if "analysis_fraction" in m:  # the analysis stage's progress, then its pages
+            done = m["analysis_fraction"] >= 1 and d.get("tags", {}).get("saeforge.analysis_uri")
+            lines.append(f"           latents  /jobs/{job['id']}/dictionaries/{d['name']}" if done else
+                         f"           analysis {100 * m['analysis_fraction']:.0f}%")
     return "\n".join(lines)
 
 

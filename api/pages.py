@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from api.auth import TOKEN_COOKIE
 from api.jobspec import NAME_PATTERN
 
-JobId = Annotated[str, PathParam(min_length=1, max_length=200)]
+JobId = Annotated[str, PathParam(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="the dictionary's name in the JobSpec")]
 Index = Annotated[int, PathParam(ge=0, le=2**31 - 1, description="the latent's index")]
 SortKey = Literal["latent", "frequency", "mean_activation", "max_activation"]
@@ -251,9 +251,11 @@ def _run_url(request: Request, job, manifest: dict[str, Any]) -> str | None:
 
 # --- the router ---------------------------------------------------------------------------------------------
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"description": {401: "no or unknown token", 403: "another owner's job", 404: "not found",
-                                   409: "the job has not finished", 503: "Ray is not connected"}[code]}
-            for code in codes}
+    """Error responses with the app's `Error` body ({"detail": str}; api/app.py defines it for every route)."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    return {code: {"content": error, "description": {
+        401: "no or unknown token", 403: "another owner's job", 404: "not found",
+        409: "the job has not finished", 503: "Ray is not connected"}[code]} for code in codes}
 
 
 router = APIRouter()

@@ -29,7 +29,7 @@ from services.data import documents
 from services.models import capture, load_language_model, run_blocks, submodule
 from services.remote_code import check_remote_code
 from services.windows import TokenWindows
-from storage.analysis import analysis_uri, write_analysis, write_delphi_cache
+from storage.analysis import analysis_uri, fixed_lists, write_analysis, write_delphi_cache
 from storage.export import SAELENS_CONFIG, SPARSIFY_WEIGHTS, load_saelens
 from storage.uri import filesystem, join
 from trainers.analysis import LatentStatistics, logit_effects, nearest_latents, sparse_code
@@ -234,16 +234,16 @@ def _tables(stats: LatentStatistics, tokens: np.ndarray, effects, cos, neighbour
         "max_activation": stats.max.cpu().numpy(),
         "dead": stats.count.cpu().numpy() == 0,
         "dense": frequency > DENSE_FREQUENCY,
-        "histogram": list(stats.histogram.cpu().numpy()),
+        "histogram": fixed_lists(stats.histogram.cpu().numpy()),
         "histogram_upper": stats.histogram_upper().cpu().numpy(),
-        "top_logit_tokens": list(top_i.astype(np.int32)), "top_logit_values": list(top_v.astype(np.float32)),
-        "bottom_logit_tokens": list(low_i.astype(np.int32)), "bottom_logit_values": list(low_v.astype(np.float32)),
-        "neighbours": list(neighbours.cpu().numpy().astype(np.int32)),
-        "neighbour_cosines": list(cos.cpu().numpy().astype(np.float32)),
+        "top_logit_tokens": fixed_lists(top_i.astype(np.int32)), "top_logit_values": fixed_lists(top_v),
+        "bottom_logit_tokens": fixed_lists(low_i.astype(np.int32)), "bottom_logit_values": fixed_lists(low_v),
+        "neighbours": fixed_lists(neighbours.cpu().numpy().astype(np.int32)),
+        "neighbour_cosines": fixed_lists(cos.cpu().numpy().astype(np.float32)),
         "search": ["\x1f".join(sorted(s - {""})) for s in search],
     }
-    joined["tokens"] = list(joined["tokens"])
-    joined["activations"] = list(joined["activations"].astype(np.float32))
+    joined["tokens"] = fixed_lists(joined["tokens"])  # one Arrow array over the flat block: no object per row
+    joined["activations"] = fixed_lists(joined["activations"].astype(np.float32))
     return latents, joined, vocabulary
 
 

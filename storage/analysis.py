@@ -40,6 +40,12 @@ def analysis_uri(output_uri: str, dictionary: str) -> str:
     return join(output_uri, "analysis", dictionary)
 
 
+def fixed_lists(rows: np.ndarray) -> pa.FixedSizeListArray:
+    """A [n, w] array as one Arrow column of n lists of w values (built over the flat buffer, no copy per row)."""
+    rows = np.ascontiguousarray(rows)
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1])
+
+
 def _write_table(uri: str, name: str, table: pa.Table, row_group_size: int | None = None) -> None:
     fs, path = filesystem(uri)
     with fs.open(join(path, name), "wb") as f:

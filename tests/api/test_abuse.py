@@ -136,6 +136,10 @@ def place_cases(base: Path) -> list[tuple[str, dict, int, tuple[str, ...]]]:
         ("output outside", spec(output={"uri": "/tmp/saeforge-abuse-output"}), 403, ("output.uri",)),
         ("output through a symlink", spec(output={"uri": str(out / "escape" / "job")}), 403, ("rule: local-root",)),
         ("output glob", spec(output={"uri": str(out / "*")}), 403, ("rule: no-glob",)),
+        ("hub model id, roots and no SAEFORGE_HUB_ALLOW", spec(model={"name": "HuggingFaceTB/SmolLM2-135M"}), 403,
+         ("model.name", "SAEFORGE_HUB_ALLOW", "rule: hub-allow")),
+        ("hub dataset id at a revision", spec(data={"source": "monology/pile-uncopyrighted@main"}), 403,
+         ("data.source", "SAEFORGE_HUB_ALLOW", "rule: hub-allow")),
     ]
 
 
@@ -168,6 +172,8 @@ def test_other_owners_jobs_and_folders(site):
     alice_job = post(server, spec(name="alice-own")).json()
     folder = alice_job["output_uri"]
     assert folder.startswith(str(base / "out"))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "notes.txt").write_text("alice's notes")  # what bob's glob would read
     with server.client(BOB) as bob:
         for method, path in (("GET", f"/v1/jobs/{alice_job['id']}"), ("POST", f"/v1/jobs/{alice_job['id']}/cancel"),
                              ("GET", f"/v1/jobs/{alice_job['id']}/logs")):
@@ -178,7 +184,8 @@ def test_other_owners_jobs_and_folders(site):
         assert all(j["owner"] == "bob" for j in listing["items"])
     for body in (spec(output={"uri": folder}), spec(output={"uri": folder + "/exports"}),
                  spec(output={"uri": str(base / "out")}),  # above every job folder
-                 spec(data={"source": folder + "/d"}), spec(data={"cache": {"read": folder}})):
+                 spec(data={"source": folder + "/d"}), spec(data={"cache": {"read": folder}}),
+                 spec(data={"source": str(base / "out" / "*-*" / "notes.txt")})):  # a glob over job folders
         response = post(server, body, headers=BOB)
         expect(response, 403, "rule: other-owner")
     expect(post(server, spec(output={"uri": folder + "/more"})), 201)  # her own folder: hers to use
@@ -304,7 +311,8 @@ def test_the_job_runner_checks_the_policy_again(site, tmp_path):
     env = {**os.environ, "SAEFORGE_HOME": str(tmp_path), "SAEFORGE_OUTPUT_ROOT": str(base / "out"),
            "SAEFORGE_DATA_ROOTS": str(base / "data"), "SAEFORGE_MODEL_ROOTS": str(base / "models")}
     for body, field in ((spec(output={"uri": str(target)}), "output.uri"),
-                        (spec(data={"source": str(base / "data" / "link.txt")}), "data.source")):
+                        (spec(data={"source": str(base / "data" / "link.txt")}), "data.source"),
+                        (spec(model={"name": "HuggingFaceTB/SmolLM2-135M"}), "model.name")):  # no SAEFORGE_HUB_ALLOW
         done = subprocess.run([sys.executable, "-m", "api.cli", "run", "--quiet", "--spec-json", json.dumps(body)],
                               env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2 and f"job rejected: {field}" in done.stderr, done.stderr[-2000:]

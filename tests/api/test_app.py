@@ -55,12 +55,12 @@ TINY = {"name": "tiny", "model": {"random": {"hidden_size": 16, "num_layers": 2,
 def _routes(app):
     for path, methods in app.openapi()["paths"].items():
         for method in methods:
-            yield method.upper(), path.replace("{job_id}", "some-job")
+            yield method.upper(), path.replace("{job_id}", "some-job").replace("{name}", "d").replace("{index}", "0")
 
 
 def test_every_v1_route_needs_a_token_and_health_does_not(client):
     routes = list(_routes(client.app))
-    assert len(routes) == 9  # 8 paths, /v1/jobs with GET and POST
+    assert len(routes) == 13  # 12 paths, /v1/jobs with GET and POST (4 of them the analysis, api/pages.py)
     for method, path in routes:
         if path in ("/healthz", "/readyz"):
             continue
@@ -167,7 +167,9 @@ def sweep_runs(tmp_path_factory):
             "mlflow.parentRunId": parent, "architecture": "topk", "latents": "256", "k": str(k), "model": "m",
             "site": "resid_post", "layer": "1"}).info.run_id
         for key, value in {"final_held_out_l0": float(k), "final_held_out_fvu": fvu, "final_dead_fraction": dead,
-                           "final_tokens": 2048, "final_train_seconds": 2.0, "fvu": fvu + 0.1}.items():
+                           "final_tokens": 2048, "final_train_seconds": 2.0, "fvu": fvu + 0.1,
+                           "final_never_fired_fraction": dead / 2,
+                           "final_dead_window_tokens": 512 if k > 4 else 4096}.items():
             client.log_metric(child, key, value)
         client.set_terminated(child)
     client.set_terminated(parent)
@@ -181,6 +183,9 @@ def test_compare_gives_a_row_per_dictionary_and_a_plot_with_a_point_each(sweep_r
     rows = result["rows"]
     assert [r["k"] for r in rows] == [4, 8, 16] and result["points"] == 3
     assert rows[1]["fvu"] == 0.3 and rows[0]["dead_pct"] == pytest.approx(10.0) and rows[0]["tokens_per_s"] == 1024
+    assert rows[0]["never_fired_pct"] == pytest.approx(5.0) and rows[1]["dead_window_tokens"] == 512
+    # k=4's window (4,096 tokens) is longer than its 2,048 tokens: its dead figure cannot mean anything
+    assert [r["dead_window_complete"] for r in rows] == [False, True, True]
     assert [r["on_frontier"] for r in rows] == [True, True, False]
     assert count_markers(result["plot_png"], (FRONT_COLOR,)) == 2
     assert count_markers(result["plot_png"], (POINT_COLOR,)) == 1
