@@ -18,14 +18,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from api.paths import Uri
+from api.paths import HUB_ID, Uri
 
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # The architectures with k active latents per token, trained on the sparse kernels (row-sparse gradients).
 K_SPARSE = ("topk", "batchtopk", "abstopk")
-# A Hugging Face hub id, optionally at a revision: org/name[@revision] (a relative path that exists wins).
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,128})?")
 
 
 def trained_tokens(tokens: int, batch_tokens: int, replicas: int, accumulation: int) -> int:

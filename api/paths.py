@@ -15,6 +15,10 @@ The rules (configured by the operator; docs/service.md):
   s3:// entry of the kind's roots, the output root or SAEFORGE_S3_PREFIXES; writes under the output root or a
   `write:` entry of SAEFORGE_S3_PREFIXES. With no S3 rule configured at all, any bucket is allowed (a laptop).
 - every other scheme, fsspec's chained URLs (`simplecache::s3://...`) and control characters are refused.
+- Hugging Face hub ids (`org/name[@revision]` in model.name or data.source) name no place on this machine, so
+  the roots cannot judge them: SAEFORGE_HUB_ALLOW lists the ids (`org/name`) and orgs (`org/`) jobs may use, or
+  `*` for any. Unset, hub ids are allowed where the field's roots are unset too (a laptop, `saeforge run`) and
+  refused where they are set (a shared service must say which hub content its jobs may fetch).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 from storage.uri import scheme
 
 GLOB_CHARS = "*?["
+# A Hugging Face hub id, optionally at a revision: org/name[@revision] (a relative path that exists wins).
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]{1,128})?")
+HUB_ORG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/")
 BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 Access = Literal["read", "write"]
 Kind = Literal["model", "data", "output"]
@@ -95,12 +102,14 @@ class PathPolicy:
     output_root: str | None = None
     s3_read: tuple[str, ...] = ()  # SAEFORGE_S3_PREFIXES entries (read: and write:)
     s3_write: tuple[str, ...] = ()  # write: entries only
+    hub_allow: tuple[str, ...] | None = None  # SAEFORGE_HUB_ALLOW: 'org/name', 'org/' or '*'; None: not set
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], output_root: str | None = None) -> PathPolicy:
         """SAEFORGE_MODEL_ROOTS / SAEFORGE_DATA_ROOTS (local folders and s3:// prefixes, comma-separated),
-        SAEFORGE_OUTPUT_ROOT (default: output_root) and SAEFORGE_S3_PREFIXES ("read:s3://corpora,
-        write:s3://team/scratch"; a bare entry is read-only). Raises ValueError naming the variable."""
+        SAEFORGE_OUTPUT_ROOT (default: output_root), SAEFORGE_S3_PREFIXES ("read:s3://corpora,
+        write:s3://team/scratch"; a bare entry is read-only) and SAEFORGE_HUB_ALLOW ("HuggingFaceTB/,
+        monology/pile-uncopyrighted"). Raises ValueError naming the variable."""
         def roots(name: str) -> tuple[str, ...] | None:
             if not _split(env.get(name)):
                 return None
@@ -130,7 +139,16 @@ class PathPolicy:
             out = _normal_root(out) if out else None
         except ValueError as error:
             raise ValueError(f"SAEFORGE_OUTPUT_ROOT: {error}") from None
-        return cls(roots("SAEFORGE_MODEL_ROOTS"), roots("SAEFORGE_DATA_ROOTS"), out, tuple(read), tuple(write))
+        hub_allow = None
+        if _split(env.get("SAEFORGE_HUB_ALLOW")):
+            hub_allow = tuple(_split(env.get("SAEFORGE_HUB_ALLOW")))
+            for entry in hub_allow:
+                if entry != "*" and not HUB_ORG.fullmatch(entry) and not (HUB_ID.fullmatch(entry) and "@" not in entry):
+                    raise ValueError(f"SAEFORGE_HUB_ALLOW: {entry!r} is not a hub id or org; give 'org/name' (one "
+                                     "repository, any revision), 'org/' (every repository of the org) or '*' (any), "
+                                     "comma-separated")
+        return cls(roots("SAEFORGE_MODEL_ROOTS"), roots("SAEFORGE_DATA_ROOTS"), out, tuple(read), tuple(write),
+                   hub_allow)
 
     def env(self) -> dict[str, str]:
         """The same policy as environment variables (what the service passes to the jobs it runs)."""
@@ -142,6 +160,8 @@ class PathPolicy:
             env["SAEFORGE_DATA_ROOTS"] = ",".join(self.data_roots)
         if self.output_root is not None:
             env["SAEFORGE_OUTPUT_ROOT"] = self.output_root
+        if self.hub_allow is not None:
+            env["SAEFORGE_HUB_ALLOW"] = ",".join(self.hub_allow)
         return env
 
     def roots(self, access: Access, kind: Kind) -> list[str] | None:
@@ -154,6 +174,26 @@ class PathPolicy:
         return list(configured) + ([self.output_root] if kind == "data" and self.output_root else [])
 
     # --- one value --------------------------------------------------------------------------------------
+    def check_hub_id(self, value: str, marker: Uri, field: str) -> str:
+        """A hub id (org/name[@revision]) as given, when SAEFORGE_HUB_ALLOW (or, unset, the absence of roots
+        for the field's kind) allows it; PathPolicyError otherwise."""
+        given = value.partition("@")[0]
+        repo = given.lower()  # the hub treats ids case-insensitively
+        if self.hub_allow is None:
+            if self.roots(marker.access, marker.kind) is None:
+                return value
+            variable = "SAEFORGE_MODEL_ROOTS" if marker.kind == "model" else "SAEFORGE_DATA_ROOTS"
+            raise PathPolicyError(f"{field}: {value!r} is a Hugging Face hub id, and this service ({variable} set) "
+                                  "takes hub ids only from SAEFORGE_HUB_ALLOW, which is not set; ask the operator "
+                                  f"to add {given.split('/')[0] + '/'!r} or {given!r} to it, or give a path under "
+                                  "the allowed folders [rule: hub-allow]")
+        if any(e == "*" or e.lower() == repo or (e.endswith("/") and repo.startswith(e.lower()))
+               for e in self.hub_allow):
+            return value
+        raise PathPolicyError(f"{field}: the Hugging Face hub id {value!r} is not in this service's allow-list "
+                              f"(SAEFORGE_HUB_ALLOW: {', '.join(self.hub_allow)}); ask the operator to add it or "
+                              "its org, or give a path under the allowed folders [rule: hub-allow]")
+
     def check(self, value: str, marker: Uri, field: str) -> str:
         """The value normalized (local: absolute with symlinks resolved; s3: canonical); PathPolicyError when
         the policy refuses it."""
@@ -244,11 +284,16 @@ def _models(annotation: Any) -> Iterator[type]:
             yield from _models(arg)
 
 
-def walk_uris(model: type, data: Any, visit: Callable[[str, str, Uri], str], prefix: str = "") -> Any:
+def walk_uris(model: type, data: Any, visit: Callable[[str, str, Uri], str], prefix: str = "",
+              hub_ids: bool = False) -> Any:
     """data (a raw or dumped JobSpec dict) with each value of a Uri-marked field replaced by visit(field path,
-    value, marker); every other value is kept as given (the JobSpec's own validation judges it)."""
+    value, marker); every other value is kept as given (the JobSpec's own validation judges it). Hub ids name
+    no place and are skipped unless hub_ids (the policy's allow-list judges them)."""
     if not isinstance(data, dict):
         return data
+
+    def wanted(value: Any, marker: Uri) -> bool:
+        return isinstance(value, str) and (marker.names_place(value) or hub_ids and value not in marker.sentinels)
     out = dict(data)
     for name, info in model.model_fields.items():
         if name not in data:
@@ -256,23 +301,29 @@ def walk_uris(model: type, data: Any, visit: Callable[[str, str, Uri], str], pre
         value, where = data[name], f"{prefix}{name}"
         marker = next((m for m in info.metadata if isinstance(m, Uri)), None)
         if marker is not None:
-            if isinstance(value, str) and marker.names_place(value):
+            if wanted(value, marker):
                 out[name] = visit(where, value, marker)
             elif isinstance(value, list):
-                out[name] = [visit(f"{where}[{i}]", v, marker) if isinstance(v, str) and marker.names_place(v)
-                             else v for i, v in enumerate(value)]
+                out[name] = [visit(f"{where}[{i}]", v, marker) if wanted(v, marker) else v
+                             for i, v in enumerate(value)]
             continue
         for sub in _models(info.annotation):
             if isinstance(value, dict) and get_origin(info.annotation) is not dict:
-                out[name] = value = walk_uris(sub, value, visit, where + ".")
+                out[name] = value = walk_uris(sub, value, visit, where + ".", hub_ids)
             elif isinstance(value, list):
-                out[name] = value = [walk_uris(sub, v, visit, f"{where}[{i}].") for i, v in enumerate(value)]
+                out[name] = value = [walk_uris(sub, v, visit, f"{where}[{i}].", hub_ids) for i, v in enumerate(value)]
     return out
 
 
 def check_spec_uris(model: type, data: dict[str, Any], policy: PathPolicy) -> dict[str, Any]:
-    """Every Uri-marked field of `data` checked (PathPolicyError for the first refused) and normalized."""
-    return walk_uris(model, data, lambda where, value, marker: policy.check(value, marker, where))
+    """Every Uri-marked field of `data` checked (PathPolicyError for the first refused) and normalized; hub ids
+    checked against the allow-list."""
+    def check(where: str, value: str, marker: Uri) -> str:
+        if marker.names_place(value):
+            return policy.check(value, marker, where)
+        return policy.check_hub_id(value, marker, where)
+
+    return walk_uris(model, data, check, hub_ids=True)
 
 
 def marked_fields(model: type, prefix: str = "") -> list[str]:

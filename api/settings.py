@@ -11,6 +11,8 @@ SAEFORGE_ALLOW_TRUST_REMOTE_CODE  "true" lets a JobSpec set model.trust_remote_c
 SAEFORGE_MODEL_ROOTS / SAEFORGE_DATA_ROOTS  comma-separated folders and s3:// prefixes that model / data
                           places must lie under (unset: any, for a laptop); api/paths.py has the whole policy
 SAEFORGE_S3_PREFIXES      S3 prefixes jobs may use: "read:s3://corpora,write:s3://team/scratch" (bare: read)
+SAEFORGE_HUB_ALLOW        Hugging Face hub ids and orgs jobs may name: "HuggingFaceTB/,monology/pile-uncopyrighted"
+                          or "*"; unset: hub ids are refused where the field's roots are set, allowed where not
 SAEFORGE_RANK_MEMORY_GIB  memory one trainer rank may use (default: the largest Ray node's memory)
 SAEFORGE_MAX_TOKENS       most training tokens one job may ask for (default 10^11)
 SAEFORGE_JOB_COMMAND      the command a Ray job runs (default: `saeforge`, or this Python for the local Ray)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from api.jobspec import JobSpec
-from api.paths import PathPolicy, PathPolicyError, Uri, check_spec_uris, checked_spec, marked_fields
+from api.paths import PathPolicy, PathPolicyError, Uri, check_spec_uris, checked_spec, marked_fields, walk_uris
 
 READ_DATA = Uri("read", "data", glob=True)
 READ_MODEL = Uri("read", "model")
@@ -144,3 +144,58 @@ def test_the_runner_checks_again_from_the_jobs_environment(tree):
     ok = JobSpec.model_validate({"output": {"uri": str(tree / "out" / "job")}})
     assert checked_spec(ok, env).output.uri == str(tree / "out" / "job")
     assert PathPolicy.from_env(env) == policy(tree)
+
+
+def test_hub_ids_where_roots_are_set_need_the_allow_list(tree):
+    """A hub id names no place the roots can judge: a service with roots refuses it unless SAEFORGE_HUB_ALLOW
+    lists it or its org; a laptop (no roots) takes any."""
+    model, dataset = {"model": {"name": "HuggingFaceTB/SmolLM2-135M"}}, {"data": {"source": "monology/pile@main"}}
+    for raw, field in ((model, "model.name"), (dataset, "data.source")):
+        with pytest.raises(PathPolicyError) as caught:
+            check_spec_uris(JobSpec, raw, policy(tree))
+        message = str(caught.value)
+        assert message.startswith(f"{field}: ") and "[rule: hub-allow]" in message, message
+        assert "SAEFORGE_HUB_ALLOW, which is not set" in message and "ask the operator" in message, message
+        assert check_spec_uris(JobSpec, raw, PathPolicy.from_env({})) == raw  # no roots: allowed as given
+    only_models = PathPolicy.from_env({"SAEFORGE_MODEL_ROOTS": str(tree / "models")})
+    assert check_spec_uris(JobSpec, dataset, only_models) == dataset  # data roots unset: data ids allowed
+    with pytest.raises(PathPolicyError, match=r"^model\.name: .*SAEFORGE_MODEL_ROOTS set"):
+        check_spec_uris(JobSpec, model, only_models)
+
+
+def test_the_hub_allow_list_takes_ids_and_whole_orgs(tree):
+    p = policy(tree, SAEFORGE_HUB_ALLOW="HuggingFaceTB/, monology/pile-uncopyrighted")
+    for name in ("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-360M@refs/pr/1", "huggingfacetb/smollm2-135m",
+                 "monology/pile-uncopyrighted", "monology/pile-uncopyrighted@0123abc"):
+        assert p.check_hub_id(name, READ_MODEL, "model.name") == name
+    for name in ("monology/pile", "monology/pile-uncopyrighted-v2", "HuggingFaceTBX/SmolLM2-135M",
+                 "attacker/HuggingFaceTB"):
+        with pytest.raises(PathPolicyError) as caught:
+            p.check_hub_id(name, READ_DATA, "data.source")
+        message = str(caught.value)
+        assert message.startswith("data.source: ") and "not in this service's allow-list" in message, message
+        assert "HuggingFaceTB/, monology/pile-uncopyrighted" in message and "[rule: hub-allow]" in message, message
+    laptop = PathPolicy.from_env({"SAEFORGE_HUB_ALLOW": "HuggingFaceTB/"})  # set without roots: it still applies
+    with pytest.raises(PathPolicyError, match=r"\[rule: hub-allow\]"):
+        check_spec_uris(JobSpec, {"data": {"source": "monology/pile-uncopyrighted"}}, laptop)
+    anything = policy(tree, SAEFORGE_HUB_ALLOW="*")
+    assert anything.check_hub_id("any/one", READ_DATA, "data.source") == "any/one"
+    assert check_spec_uris(JobSpec, {"model": {"name": "embedded"}}, p) == {"model": {"name": "embedded"}}
+    found: list[str] = []
+    walk_uris(JobSpec, {"model": {"name": "HuggingFaceTB/SmolLM2-135M"}},
+              lambda where, value, _marker: found.append(where) or value)
+    assert found == []  # owner isolation's walk: a hub id is no folder of anyone's
+    for bad in ("HuggingFaceTB", "org/name@main", "/models/x", "org/name/extra", "s3://bucket/x"):
+        with pytest.raises(ValueError, match="SAEFORGE_HUB_ALLOW: .*'org/name'.*'org/'"):
+            PathPolicy.from_env({"SAEFORGE_HUB_ALLOW": bad})
+
+
+def test_the_runner_applies_the_allow_list_of_the_jobs_environment(tree):
+    spec = JobSpec.model_validate({"model": {"name": "HuggingFaceTB/SmolLM2-135M"},
+                                   "output": {"uri": str(tree / "out" / "j")}})
+    with pytest.raises(PathPolicyError, match=r"^model\.name: .*\[rule: hub-allow\]"):
+        checked_spec(spec, policy(tree).env())
+    allowed = policy(tree, SAEFORGE_HUB_ALLOW="HuggingFaceTB/")
+    assert allowed.env()["SAEFORGE_HUB_ALLOW"] == "HuggingFaceTB/" and PathPolicy.from_env(allowed.env()) == allowed
+    assert checked_spec(spec, allowed.env()).model.name == "HuggingFaceTB/SmolLM2-135M"
+    assert checked_spec(spec, {}).model.name == "HuggingFaceTB/SmolLM2-135M"  # `saeforge run` on a laptop

@@ -566,6 +566,7 @@ BAD_VALUES = [
     (["ray.workerGroups.producers.replicas=9"], "ray.workerGroups.producers.replicas"),
     (["s3.enabled=true"], "s3.bucket"),
     (["api.replicas=3"], "api.replicas"),
+    (["config.hubAllow={HuggingFaceTB}"], "/config/hubAllow/0"),  # an org is 'HuggingFaceTB/'
 ]
 
 
@@ -631,4 +632,7 @@ def test_the_rendered_path_policy_is_one_the_service_starts_with(helm, values_fi
         assert policy.check("s3://team-scratch/saeforge/x", Uri("write", "output"), "output.uri")
         with pytest.raises(ValueError, match=r"rule: s3-prefix"):
             policy.check("s3://public-corpora/web/x", Uri("write", "output"), "output.uri")
+        assert policy.check_hub_id("HuggingFaceTB/SmolLM2-135M", Uri("read", "model"), "model.name")
+        with pytest.raises(ValueError, match=r"rule: hub-allow"):
+            policy.check_hub_id("monology/other", Uri("read", "data"), "data.source")
         assert effective_env(docs, api)["SAEFORGE_DATABASE_URL"][0] == "secret"
