@@ -64,12 +64,17 @@ fi
 
 no_cache=()
 [ -n "${SAEFORGE_IMAGE_NO_CACHE:-}" ] && no_cache=(--no-cache)
+previous=$(docker image inspect "$IMAGE" --format '{{.Id}}' 2>/dev/null || true)
 start=$(date +%s)
 DOCKER_BUILDKIT=0 docker build --network host "${no_cache[@]}" -t "$IMAGE" \
   --build-arg BASE_IMAGE="$BASE" --build-arg TORCH_WHEEL="$wheel" . >"$CACHE/build.log" 2>&1 \
   || { tail -40 "$CACHE/build.log"; echo "docker build failed (log: $CACHE/build.log)" >&2; exit 1; }
 build_s=$(( $(date +%s) - start ))
 size=$(docker image inspect "$IMAGE" --format '{{.Size}}')
+# The image this build replaced (3 GB): gone, unless this build is the same image.
+if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect "$IMAGE" --format '{{.Id}}')" ]; then
+  docker image rm "$previous" >/dev/null 2>&1 || true
+fi
 echo "image $IMAGE: built in ${build_s} s, $(( size / 1000000 )) MB"
 
 start=$(date +%s)

@@ -8,9 +8,14 @@ builds from rayStartParams (`bash -lc -- "ulimit -n 65536; ray start ..."`, CPUs
 
 The pods share the host's network instead of a pod network, which takes four changes and no more, each
 because several pods now share one network namespace: Service names resolve to 127.0.0.1 (`--add-host`),
-every `0.0.0.0` bind address becomes 127.0.0.1 (loopback only), Ray nodes advertise 127.0.0.1 (KubeRay
-nodes advertise their pod IP), and each Ray pod takes free dashboard-agent and metrics ports (KubeRay gives
-every pod 52365 and 8080, which on one network would collide).
+every `0.0.0.0` bind address becomes 127.0.0.1 (loopback only), Ray nodes start with
+`--node-ip-address=127.0.0.1` (KubeRay's with their pod IP), and each Ray pod takes free dashboard-agent and
+metrics ports (KubeRay gives every pod 52365 and 8080, which on one network would collide). The test moves the
+other ports (API, MLflow, GCS, Ray client) to free ones through the chart's own values; only the dashboard's
+8265, which the chart fixes, must be free on the host. Ray itself still turns a loopback node address
+into the host's interface address (`ray start` resolves 127.0.0.1 to the address of the default route, as it
+does for the project's local Ray too) and binds its gRPC servers on every interface; that traffic stays on
+this host.
 """
 
 from __future__ import annotations
@@ -217,8 +222,11 @@ class Pod:
         c = self.container
         pod_sc = self.spec.get("securityContext", {})
         sc = {**pod_sc, **c.get("securityContext", {})}
+        # The kubelet restarts a crashed container (restartPolicy Always): Ray's start-up gives up after 30 s when
+        # the machine is loaded. Open files: the engine's own limits, as a kubelet leaves them (where the hard
+        # limit is below 65536, KubeRay's `ulimit -n 65536` warns and Ray starts with what there is).
         args = ["docker", "run", "--detach", "--name", self.name, "--label", self.label, "--network", "host",
-                "--user", f"{sc['runAsUser']}:{sc['runAsGroup']}"]
+                "--restart", "unless-stopped", "--user", f"{sc['runAsUser']}:{sc['runAsGroup']}"]
         if pod_sc.get("fsGroup") is not None:
             args += ["--group-add", str(pod_sc["fsGroup"])]
         if sc.get("readOnlyRootFilesystem"):
@@ -253,7 +261,8 @@ class Pod:
         assert proc.returncode == 0, f"docker run {self.name} failed: {proc.stderr}"
 
     def kill(self) -> None:
-        subprocess.run(["docker", "kill", self.name], capture_output=True, timeout=60)
+        """SIGKILL and gone, as a deleted pod: no clean shutdown, nothing restarts it."""
+        subprocess.run(["docker", "rm", "--force", self.name], capture_output=True, timeout=60)
 
     def running(self) -> bool:
         proc = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", self.name], capture_output=True,
