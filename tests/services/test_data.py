@@ -1,6 +1,7 @@
 """Corpus pieces and their reading (files, JSONL ranges, Parquet row groups, saved datasets, s3://), held-out
 documents, producer slices and packing into windows."""
 
+import collections
 import json
 
 import numpy as np
@@ -142,3 +143,56 @@ def test_data_spec_checks():
         DataSpec(cache={"read": "http://x/y"})
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         DataSpec(cache={"uri": "/tmp/a"})
+
+
+def test_two_epochs_stream_every_document_exactly_twice_in_a_reshuffled_piece_order(tmp_path):
+    """data.epochs: 2 over a multi-file corpus (two JSONL files cut into byte ranges, a Parquet file of three
+    row groups): for 1 and 2 producers, every document's tokens are streamed exactly twice between them, once per
+    epoch; epoch 0 reads a producer's pieces in corpus order, epoch 1 in a shuffled order (documents keep their
+    order inside a piece)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from services.windows import CorpusWindows
+
+    context = 16
+    # (bytes + EOS) a multiple of the context: windows end at document ends, so no partial window is dropped
+    # and a document's tokens are all streamed, while longer documents span several windows.
+    texts = [(f"doc {i:03d} " + "abcdefghij" * 7)[:context * (1 + i % 4) - 1] for i in range(150)]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name, part in (("a.jsonl", texts[:50]), ("b.jsonl", texts[50:90])):
+        (folder / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    with pq.ParquetWriter(folder / "c.parquet", pa.schema([("text", pa.string())])) as writer:
+        for start in (90, 110, 130):
+            writer.write_table(pa.table({"text": texts[start:start + 20]}))
+    spec = DataSpec(source=str(folder), holdout_fraction=0.0, context_length=context)
+    pieces = corpus_pieces(spec)
+    assert {p.kind for p in pieces} == {"jsonl", "parquet"} and sum(p.kind == "parquet" for p in pieces) == 3
+    tokenizer = ByT5Tokenizer()
+    for producers in (1, 2):
+        streamed: list[str] = []
+        for producer in range(producers):
+            mine = producer_pieces(pieces, producer, producers)
+            windows = CorpusWindows(tokenizer, spec, mine, seed=7, producer=producer, epochs=2)
+            cursors, packed = zip(*windows.windows(), strict=True)
+            assert all(len(w) == context for w in packed) and windows.epoch == 1
+            assert [c.epoch for c in cursors] == sorted(c.epoch for c in cursors)  # epoch 0, then epoch 1
+            stream = np.concatenate(packed).tolist()
+            assert stream[-1] == tokenizer.eos_token_id  # the last document ends the last window
+            docs, current = [], []
+            for token in stream:
+                if token == tokenizer.eos_token_id:
+                    docs.append(tokenizer.decode(current))
+                    current = []
+                else:
+                    current.append(token)
+            shuffled = windows.order(1)
+            assert sorted(shuffled) == list(range(len(mine))) and shuffled != list(range(len(mine)))
+            in_order = [t for p in mine for t in read_piece(p, "text")]
+            reshuffled = [t for i in shuffled for t in read_piece(mine[i], "text")]
+            assert in_order != reshuffled
+            assert docs == in_order + reshuffled, f"producer {producer} of {producers}"
+            streamed += docs
+        counts = collections.Counter(streamed)
+        assert set(counts) == set(texts) and set(counts.values()) == {2}, producers
