@@ -23,7 +23,7 @@ from api.paths import HUB_ID, Uri
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # The architectures with k active latents per token, trained on the sparse kernels (row-sparse gradients).
-K_SPARSE = ("topk", "batchtopk", "abstopk")
+K_SPARSE = ("topk", "batchtopk", "abstopk", "matryoshka_topk", "matryoshka_batchtopk")
 
 
 def trained_tokens(tokens: int, batch_tokens: int, replicas: int, accumulation: int) -> int:
@@ -192,8 +192,10 @@ class DataSpec(Strict):
 class DictionarySpec(Strict):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="default: <site>-<layer>-<architecture>-<M>")
     hook: HookSpec | None = Field(None, description="default: the job's top-level hook")
-    architecture: Literal["topk", "batchtopk", "abstopk", "jumprelu", "relu"] = Field(
-        "topk", description="abstopk: top k by |pre-activation|, signed codes (trainers/sae.py)")
+    architecture: Literal["topk", "batchtopk", "abstopk", "matryoshka_topk", "matryoshka_batchtopk", "jumprelu",
+                          "relu"] = Field(
+        "topk", description="abstopk: top k by |pre-activation|, signed codes; matryoshka_*: nested prefixes, "
+                            "each reconstructing on its own (trainers/sae.py)")
     latents: Annotated[int, Field(gt=0, le=2**30)] | None = None
     expansion_factor: Annotated[int, Field(gt=0, le=65_536)] | None = None
     k: Annotated[int, Field(gt=0, le=65_536)] = 32
@@ -218,6 +220,9 @@ class DictionarySpec(Strict):
         0.001, description="θ₀, in units of the input RMS norm")
     batchtopk_row_cap: Annotated[int, Field(gt=0, le=65_536)] | None = Field(
         None, description="batchtopk: most latents one token may hold (default 4·k)")
+    matryoshka_prefixes: list[Annotated[int, Field(gt=0, le=2**30)]] | Annotated[int, Field(ge=2, le=16)] | None = (
+        Field(None, description="matryoshka_*: the nested prefixes' sizes (the whole dictionary is the last), or a "
+                                "number n of doubling groups M/2^(n-1), ..., M/2, M; default 4 groups"))
 
     @model_validator(mode="after")
     def _size(self) -> DictionarySpec:
@@ -233,7 +238,25 @@ class DictionarySpec(Strict):
         if self.batchtopk_row_cap is not None and self.batchtopk_row_cap < self.k:
             raise ValueError(f"batchtopk_row_cap ({self.batchtopk_row_cap}) must be at least k ({self.k}); "
                              "raise it or leave it unset (4·k)")
+        self._check_prefixes()
         return self
+
+    def _check_prefixes(self) -> None:
+        prefixes = self.matryoshka_prefixes
+        if prefixes is None:
+            return
+        if not self.architecture.startswith("matryoshka_"):
+            raise ValueError(f"matryoshka_prefixes applies to matryoshka_topk / matryoshka_batchtopk only; remove it "
+                             f"or change architecture ({self.architecture})")
+        if isinstance(prefixes, list):
+            if not prefixes or any(b <= a for a, b in zip(prefixes, prefixes[1:], strict=False)):
+                raise ValueError(f"matryoshka_prefixes ({prefixes}) must be increasing sizes; list them smallest first")
+            if self.latents is not None and prefixes[-1] > self.latents:
+                raise ValueError(f"matryoshka_prefixes: the largest prefix ({prefixes[-1]}) is beyond latents "
+                                 f"({self.latents}); lower it or raise latents")
+        elif self.latents is not None and self.latents >> (prefixes - 1) < 1:
+            raise ValueError(f"matryoshka_prefixes: {prefixes} doubling groups need at least 2^{prefixes - 1} "
+                             f"latents ({self.latents}); use fewer groups")
 
     def resolved_latents(self, d_in: int) -> int:
         return self.latents if self.latents is not None else self.expansion_factor * d_in

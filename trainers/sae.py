@@ -14,6 +14,12 @@ Architectures (one shared encoder/decoder core; the piece that differs is the ac
   share of tokens at that cap is reported as `batchtopk_capped_rows`.
 - `abstopk` (arXiv 2510.00404): the top k latents by |W_enc(x − b_dec) + b_enc|, kept with their sign (no
   ReLU), so one latent carries a bidirectional feature; AuxK picks dead latents by magnitude too (as SAELens).
+- `matryoshka_topk`, `matryoshka_batchtopk` (arXiv 2503.17547): TopK / BatchTopK whose latents form nested
+  prefixes [0, m_1) ⊂ [0, m_2) ⊂ … ⊂ [0, M) (`matryoshka_prefixes`: the sizes, or a number of doubling
+  groups); each prefix reconstructs x on its own from the codes of its latents, and the loss is the plain
+  sum of the prefixes' FVUs (every prefix weighted 1, as in the paper) + AuxK on the whole dictionary. The
+  prefix decodes are one sparse decode of the codes split by group, summed across shards, then a cumulative
+  sum: exact when a prefix ends inside a shard. Exported as TopK / as BatchTopK's JumpReLU form.
 - `jumprelu` (arXiv 2407.14435): f = z·H(z − θ), θ = exp(log_threshold) per latent, straight-through threshold
   gradients with a rectangle kernel; loss FVU + λ·L0 with λ warmed up linearly over `sparsity_warmup` of
   training. The paper's ε = 0.001 and θ₀ = 0.001 assume inputs of unit mean squared norm; here they are
@@ -44,7 +50,7 @@ from trainers.init import decoder_bias, principal_subspace, random_unit_rows, su
 from trainers.kernels import jumprelu, sparse_decode, step, topk_encode
 from trainers.parallel import ShardMesh
 
-ARCHITECTURES = ("topk", "batchtopk", "abstopk", "jumprelu", "relu")
+ARCHITECTURES = ("topk", "batchtopk", "abstopk", "matryoshka_topk", "matryoshka_batchtopk", "jumprelu", "relu")
 INITIALIZATIONS = ("subspace", "random")
 
 
@@ -68,6 +74,7 @@ class SAEConfig:
     jumprelu_init_threshold: float = 0.001  # θ₀, in units of the input scale
     batchtopk_row_cap: int | None = None  # None: 4·k
     batchtopk_threshold_lr: float = 0.01  # EMA rate of the inference threshold (as SAELens)
+    matryoshka_prefixes: tuple[int, ...] | list[int] | int | None = None  # sizes, or doubling groups; None: 4
     encoder_chunk: int = 8192  # latents per encoder chunk (memory O(N·chunk))
     sparse_grads: bool = False  # W_enc/W_dec grads as row-sparse COO, for trainers.optim.RowSparseAdam
 
@@ -82,10 +89,39 @@ class SAEConfig:
             raise ValueError(f"k must be in 1..latents ({self.latents}); got {self.k}")
         if self.encoder_chunk <= 0:
             raise ValueError(f"encoder_chunk must be positive; got {self.encoder_chunk}")
+        if self.matryoshka_prefixes is not None and not self.matryoshka:
+            raise ValueError(f"matryoshka_prefixes applies to the matryoshka architectures only; got "
+                             f"{self.architecture!r}")
+        if self.matryoshka:
+            ends = self.prefix_ends
+            if any(b <= a for a, b in zip((0, *ends), ends, strict=False)) or ends[-1] != self.latents:
+                raise ValueError(f"matryoshka_prefixes must be increasing sizes in 1..latents ({self.latents}); "
+                                 f"got {self.matryoshka_prefixes!r}")
 
     @property
     def uses_k(self) -> bool:
-        return self.architecture in ("topk", "batchtopk", "abstopk")
+        return self.architecture in ("topk", "batchtopk", "abstopk", "matryoshka_topk", "matryoshka_batchtopk")
+
+    @property
+    def batch_selection(self) -> bool:
+        return self.architecture in ("batchtopk", "matryoshka_batchtopk")
+
+    @property
+    def matryoshka(self) -> bool:
+        return self.architecture.startswith("matryoshka_")
+
+    @property
+    def prefix_ends(self) -> tuple[int, ...]:
+        """The nested prefixes' sizes, ending at latents: an int n gives n doubling groups (M/2^(n-1), …, M/2, M);
+        a list is taken as given, with the whole dictionary appended when it stops short of it."""
+        prefixes = self.matryoshka_prefixes if self.matryoshka_prefixes is not None else 4
+        if isinstance(prefixes, int):
+            ends = [self.latents >> shift for shift in range(prefixes - 1, -1, -1)]
+        else:
+            ends = [int(size) for size in prefixes]
+        if ends and ends[-1] < self.latents:
+            ends.append(self.latents)
+        return tuple(ends)
 
     @property
     def signed(self) -> bool:
@@ -183,7 +219,7 @@ class SparseAutoencoder(nn.Module):
         if cfg.architecture == "jumprelu":
             self.log_threshold = nn.Parameter(torch.zeros(m, device=device, dtype=dtype))
             self.register_buffer("input_scale", torch.ones((), device=device, dtype=torch.float32))
-        if cfg.architecture == "batchtopk":
+        if cfg.batch_selection:
             self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
         self.mesh.all_reduce_shared_grad(self.b_dec)
 
@@ -215,7 +251,7 @@ class SparseAutoencoder(nn.Module):
         if cfg.architecture == "jumprelu":
             self.input_scale.fill_(scale)
             self.log_threshold.fill_(math.log(cfg.jumprelu_init_threshold * scale))
-        if cfg.architecture == "batchtopk":
+        if cfg.batch_selection:
             self.threshold.zero_()
         if cfg.uses_k:
             info["encoder_scale"] = self._fit_encoder_scale(sample - b_dec)
@@ -247,7 +283,7 @@ class SparseAutoencoder(nn.Module):
 
     def _forward_sparse(self, x: Tensor, dead_mask: Tensor | None) -> SAEOutput:
         cfg = self.cfg
-        batch = cfg.architecture == "batchtopk"
+        batch = cfg.batch_selection
         aux_wanted = cfg.uses_auxk and self.training and dead_mask is not None and self._any_dead(dead_mask)
         acts, indices, aux_acts, aux_indices = topk_encode(
             x - self.b_dec, self.W_enc, self.b_enc, cfg.row_cap if batch else cfg.k, chunk=cfg.encoder_chunk,
@@ -258,8 +294,12 @@ class SparseAutoencoder(nn.Module):
             acts, metrics = self._batch_select(acts)
         elif self.mesh.sharded:
             acts = acts * self.mesh.select_global(acts.abs() if cfg.signed else acts, cfg.k)
-        x_hat = self._decode_sum(sparse_decode(acts, indices, self.W_dec, sparse_grads=cfg.sparse_grads))
-        fvu = (x - x_hat).pow(2).sum() / variance_denominator(x)
+        if cfg.matryoshka:
+            x_hat, prefix_fvu = self._prefix_decodes(x, acts, indices, metrics)
+            fvu = prefix_fvu[-1]
+        else:
+            x_hat = self._decode_sum(sparse_decode(acts, indices, self.W_dec, sparse_grads=cfg.sparse_grads))
+            fvu = (x - x_hat).pow(2).sum() / variance_denominator(x)
         auxk_loss = x.new_zeros(())
         if aux_wanted and (aux_acts.shape[1] > 0 or self.mesh.sharded):
             # Reconstruct the residual from dead latents only; normalized by the residual's own variance (as
@@ -278,8 +318,34 @@ class SparseAutoencoder(nn.Module):
                 residual_hat = residual_hat * _residual_fit_scale(residual, residual_hat)
             auxk_loss = (residual - residual_hat).pow(2).sum() / variance_denominator(residual)
             auxk_loss = torch.nan_to_num(auxk_loss, nan=0.0, posinf=0.0)
-        loss = fvu + cfg.auxk_alpha * auxk_loss
+        reconstruction = prefix_fvu.sum() if cfg.matryoshka else fvu
+        loss = reconstruction + cfg.auxk_alpha * auxk_loss
         return SAEOutput(x_hat, acts, indices, fvu, auxk_loss, loss, metrics=metrics)
+
+    def _prefix_decodes(self, x: Tensor, acts: Tensor, indices: Tensor, metrics: dict[str, Tensor]
+                        ) -> tuple[Tensor, Tensor]:
+        """Matryoshka: (x̂ of the whole dictionary, FVU of every prefix [G]); per-prefix FVU and L0 into `metrics`.
+
+        Group g holds latents [m_(g-1), m_g). One sparse decode of G·N rows (row g·N + n: token n's codes of
+        group g only) gives every group's partial decode; accumulated over groups and summed across shards,
+        row p is prefix p's reconstruction. One autograd node, so one gradient per weight.
+        """
+        ends = self.cfg.prefix_ends
+        boundaries = torch.tensor(ends, device=indices.device)
+        group = torch.bucketize(indices + self.latent_start, boundaries, right=True)  # [N, k'] in 0..G-1
+        groups = torch.arange(len(ends), device=indices.device)[:, None, None]
+        n, d = x.shape
+        split = (acts[None] * (group[None] == groups)).reshape(len(ends) * n, -1)
+        partial = sparse_decode(split, indices.repeat(len(ends), 1), self.W_dec, sparse_grads=self.cfg.sparse_grads)
+        prefix_hat = self._decode_sum(partial.view(len(ends), n, d).cumsum(0))  # b_dec once, as _decode_sum
+        prefix_fvu = (x[None] - prefix_hat).pow(2).sum(dim=(1, 2)) / variance_denominator(x)
+        with torch.no_grad():
+            active = ((acts != 0)[None] & (group[None] <= groups)).sum(dim=2).float().mean(dim=1)
+            active = self.mesh.sum_over(active, "shards")
+            for end, value, count in zip(ends, prefix_fvu.detach(), active, strict=True):
+                metrics[f"fvu_prefix_{end}"] = value.clone()
+                metrics[f"l0_prefix_{end}"] = count.clone()
+        return prefix_hat[-1], prefix_fvu
 
     def _any_dead(self, dead_mask: Tensor) -> bool:
         """Whether any latent of the whole dictionary is dead: every shard must agree on taking the AuxK path,
@@ -365,7 +431,7 @@ class SparseAutoencoder(nn.Module):
         }
         if self.cfg.architecture == "jumprelu":
             tensors["threshold"] = self.log_threshold.detach().float().exp().cpu()
-        if self.cfg.architecture == "batchtopk":
+        if self.cfg.batch_selection:
             tensors["threshold"] = torch.full((self.latent_stop - self.latent_start,), float(self.threshold))
         return tensors
 
@@ -373,11 +439,15 @@ class SparseAutoencoder(nn.Module):
         """The SAELens 6.x cfg.json entries that depend on the architecture.
 
         SAELens has no inference `batchtopk` class: its own BatchTopK trainer saves a JumpReLU SAE whose
-        threshold is the learned global θ on every latent, and so do we.
+        threshold is the learned global θ on every latent, and so do we. Its `matryoshka_batchtopk` is a training
+        class too (saved as JumpReLU): Matryoshka dictionaries are exported in their inference form (TopK or
+        JumpReLU), with the prefix sizes kept as `matryoshka_widths` (SAELens's own key, ignored on load).
         """
         arch = self.cfg.architecture
-        if arch in ("topk", "abstopk"):
-            return {"architecture": arch, "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
-        if arch in ("batchtopk", "jumprelu"):
-            return {"architecture": "jumprelu"}
+        prefixes = {"matryoshka_widths": list(self.cfg.prefix_ends)} if self.cfg.matryoshka else {}
+        if arch in ("topk", "abstopk", "matryoshka_topk"):
+            return {"architecture": arch.removeprefix("matryoshka_"), "k": self.cfg.k,
+                    "rescale_acts_by_decoder_norm": False, **prefixes}
+        if arch in ("batchtopk", "matryoshka_batchtopk", "jumprelu"):
+            return {"architecture": "jumprelu", **prefixes}
         return {"architecture": "standard"}

@@ -182,6 +182,7 @@ def train_worker(config: dict) -> None:
     total_steps = spec.steps
     rows_per_step = spec.training.batch_tokens * mesh.replicas
     window: dict[str, list[torch.Tensor]] = {d.name: [] for d in dictionaries}
+    extra_names: dict[str, list[str]] = {}  # a dictionary's own scalars (SAEOutput.metrics), logged as they are
     window_started = loop_started = time.perf_counter()
 
     for step in range(start_step, total_steps):
@@ -203,7 +204,9 @@ def train_worker(config: dict) -> None:
                 d.tracker.update_counts(fired, rows_per_step)
                 active = (out.latent_acts != 0).sum(dim=-1).float().mean()  # this shard's part of L0 (AbsTopK: signed)
                 window[d.name].append(torch.stack([out.fvu.detach().float(), out.auxk_loss.detach().float(),
-                                                   out.loss.detach().float(), active.float()]))
+                                                   out.loss.detach().float(), active.float(),
+                                                   *(value.detach().float() for value in out.metrics.values())]))
+                extra_names[d.name] = list(out.metrics)  # Matryoshka: FVU and L0 per prefix; BatchTopK: θ
         tokens += rows_per_step
         last = step + 1 == total_steps
         if (step + 1) % spec.training.log_every_steps == 0 or last:
@@ -215,7 +218,8 @@ def train_worker(config: dict) -> None:
                 metrics = {"fvu": float(means[0]), "explained_variance": 1 - float(means[0]),
                            "auxk_loss": float(means[1]), "loss": float(means[2]), "l0": l0,
                            "dead_fraction": dead, "dense_fraction": dense, "lr": d.engine.get_lr()[0],
-                           "tokens_per_s": spec.training.log_every_steps * rows_per_step / max(elapsed, 1e-9)}
+                           "tokens_per_s": spec.training.log_every_steps * rows_per_step / max(elapsed, 1e-9),
+                           **{name: float(value) for name, value in zip(extra_names[d.name], means[4:], strict=True)}}
                 if rank == 0:
                     monitor.report.remote(d.name, step + 1, tokens, metrics)
             window_started = time.perf_counter()
@@ -287,6 +291,7 @@ def _finish(spec: JobSpec, index: int, d: Dictionary, held_out: dict | None, tok
         active = mesh.sum_over((out.latent_acts != 0).sum(dim=-1).float().mean(), "shards")
         result.update(held_out_fvu=float(out.fvu), held_out_l0=float(active),
                       held_out_tokens=len(held_out[d.hook_name]))
+        result.update({f"held_out_{name}": float(value) for name, value in out.metrics.items() if "prefix" in name})
     rank = ray.train.get_context().get_world_rank()
     if config.get("evaluator") is not None:
         state = _full_state(d, mesh)

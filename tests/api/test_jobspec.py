@@ -143,3 +143,21 @@ def test_abstopk_dictionary_is_k_sparse():
     with pytest.raises(JobSpecError) as error:
         parse_job_spec({"dictionaries": [{"architecture": "abstopk", "latents": 64, "k": 64}]})
     assert "k (64) must be smaller than latents (64)" in str(error.value)
+
+
+def test_matryoshka_prefixes_are_checked_and_reach_the_dictionary():
+    spec = parse_job_spec({"dictionaries": [{"architecture": "matryoshka_batchtopk", "latents": 64, "k": 4,
+                                             "matryoshka_prefixes": [8, 24]}]})
+    assert spec.dictionaries[0].matryoshka_prefixes == [8, 24] and spec.lazy_adam(0, bf16=False)
+    from trainers.sae import sae_config_from_spec
+    assert sae_config_from_spec(spec.dictionaries[0].model_dump(), d_in=16).prefix_ends == (8, 24, 64)
+    cases = [({"architecture": "topk", "matryoshka_prefixes": 3}, "applies to matryoshka_topk"),
+             ({"architecture": "matryoshka_topk", "latents": 64, "matryoshka_prefixes": [24, 8]}, "increasing sizes"),
+             ({"architecture": "matryoshka_topk", "latents": 64, "k": 4, "matryoshka_prefixes": [8, 128]},
+              "the largest prefix (128) is beyond latents (64)"),
+             ({"architecture": "matryoshka_topk", "latents": 64, "k": 4, "matryoshka_prefixes": 8},
+              "8 doubling groups need at least 2^7 latents")]
+    for dictionary, message in cases:
+        with pytest.raises(JobSpecError) as error:
+            parse_job_spec({"dictionaries": [dictionary]})
+        assert message in str(error.value), dictionary

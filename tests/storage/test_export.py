@@ -26,18 +26,25 @@ def test_sparsify_export_loads_and_reconstructs_the_same(tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["abstopk"])
+@pytest.mark.parametrize("arch", ["abstopk", "matryoshka_topk", "matryoshka_batchtopk"])
 def test_saelens_export_of_the_newer_kinds_loads_and_reconstructs_the_same(tmp_path, arch):
     """saelens_config + save_saelens (the job's path): SAELens reads the architecture and computes our x̂."""
     sae_lens = pytest.importorskip("sae_lens")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 16, generator=g) * 2 + 0.3
-    sae = SparseAutoencoder(SAEConfig(d_in=16, latents=64, k=4, architecture=arch, initialization="random"))
+    # BatchTopK kinds: no per-token cap below M, so that inference (codes above θ) is exactly JumpReLU's
+    extra = {"batchtopk_row_cap": 64} if "batchtopk" in arch else {}
+    sae = SparseAutoencoder(SAEConfig(d_in=16, latents=64, k=4, architecture=arch, initialization="random", **extra))
     sae.initialize(x, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         sae.W_enc.add_(0.2 * torch.randn(64, 16, generator=g))
         sae.b_enc.add_(0.05 * torch.randn(64, generator=g))
+        sae(x)  # one training forward: BatchTopK's θ
         out = sae.eval()(x)
+    if "batchtopk" in arch:
+        assert float(sae.threshold) > 0
+    if arch.startswith("matryoshka_"):
+        assert sae.export_config()["matryoshka_widths"] == [8, 16, 32, 64]
     if arch == "abstopk":
         assert bool((out.latent_acts < 0).any()), "no negative code: the export check would not see the sign"
     config = saelens_config(16, 64, sae.export_config(), {"hook_name": "blocks.1.hook_resid_post"})

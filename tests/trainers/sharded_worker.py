@@ -14,8 +14,15 @@ D, M, N, K = 16, 64, 40, 4
 # shards then disagree on how many AuxK candidates they have, and shard 1 on whether there are any.
 CASES = {"topk": ("topk", slice(None, None, 3)), "batchtopk": ("batchtopk", slice(None, None, 3)),
          "abstopk": ("abstopk", slice(None, None, 3)),
+         "matryoshka_topk": ("matryoshka_topk", slice(None, None, 3)),
+         "matryoshka_batchtopk": ("matryoshka_batchtopk", slice(None, None, 3)),
          "relu": ("relu", slice(None, None, 3)), "jumprelu": ("jumprelu", slice(None, None, 3)),
          "topk-dead-on-one-shard": ("topk", slice(0, 5))}
+
+
+# Matryoshka prefixes 8, 24, 40, 64 of 64: with two shards of 32 the group [24, 40) spans the boundary.
+EXTRA = {"matryoshka_topk": {"matryoshka_prefixes": [8, 24, 40]},
+         "matryoshka_batchtopk": {"matryoshka_prefixes": [8, 24, 40]}}
 
 
 def data(dead_latents: slice):
@@ -30,7 +37,7 @@ def run(case: str, mesh: ShardMesh | None) -> dict:
     architecture, dead_latents = CASES[case]
     x, dead = data(dead_latents)
     cfg = SAEConfig(d_in=D, latents=M, k=K, architecture=architecture, k_aux=8, initialization="random",
-                    sparsity_warmup=0.0)
+                    sparsity_warmup=0.0, **EXTRA.get(case, {}))
     sae = SparseAutoencoder(cfg, mesh=mesh)
     sae.initialize(x, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # a trained-looking encoder: not exactly the decoder's transpose
@@ -39,7 +46,8 @@ def run(case: str, mesh: ShardMesh | None) -> dict:
     out = sae(x, dead_mask=dead[sae.latent_start:sae.latent_stop])
     out.loss.backward()
     return {"loss": out.loss.detach(), "fvu": out.fvu.detach(), "auxk": out.auxk_loss.detach(),
-            "x_hat": out.x_hat.detach(), "grads": {n: p.grad.clone() for n, p in sae.named_parameters()},
+            "x_hat": out.x_hat.detach(), "metrics": {name: value.detach() for name, value in out.metrics.items()},
+            "grads": {n: p.grad.clone() for n, p in sae.named_parameters()},
             "range": (sae.latent_start, sae.latent_stop)}
 
 

@@ -1,6 +1,7 @@
 """Latent sharding: two gloo ranks (two processes) holding half of the latents each compute the same losses,
 reconstructions and gradients as one unsharded dictionary, for every architecture
-(and AuxK, also with dead latents on one shard only)."""
+(and AuxK, also with dead latents on one shard only; Matryoshka: every prefix's FVU and L0, a prefix
+spanning the shard boundary)."""
 
 import importlib.util
 import subprocess
@@ -34,6 +35,9 @@ def test_two_shards_equal_one_dictionary(case, sharded_results):
         got = sharded_results[rank][case]
         for key in ("loss", "fvu", "auxk", "x_hat"):
             torch.testing.assert_close(got[key], reference[key], rtol=1e-5, atol=1e-6, msg=f"{key} rank {rank}")
+        for key in (key for key in reference["metrics"] if "prefix" in key):  # Matryoshka: FVU and L0 per prefix
+            torch.testing.assert_close(got["metrics"][key], reference["metrics"][key], rtol=1e-5, atol=1e-6,
+                                       msg=f"{key} rank {rank}")
         start, stop = got["range"]
         for name, grad in got["grads"].items():
             expected = reference["grads"][name]
@@ -45,4 +49,11 @@ def test_two_shards_equal_one_dictionary(case, sharded_results):
 def test_auxk_is_active_in_the_comparison(sharded_results):
     assert float(sharded_results[0]["topk"]["auxk"]) > 0
     assert float(sharded_results[0]["abstopk"]["auxk"]) > 0
+
+
+def test_a_matryoshka_prefix_spans_the_shard_boundary(sharded_results):
+    metrics = sharded_results[0]["matryoshka_topk"]["metrics"]
+    assert sharded_results[0]["matryoshka_topk"]["range"] == (0, 32)
+    # the prefix of 40 holds codes of latents beyond the boundary: more of them than the prefix of 24
+    assert float(metrics["l0_prefix_40"]) > float(metrics["l0_prefix_24"]) > 0
     assert float(sharded_results[1]["topk-dead-on-one-shard"]["auxk"]) > 0  # shard 1 has none dead itself

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
+from trainers.kernels import sparse_decode
 from trainers.metrics import FiringTracker
-from trainers.sae import SAEConfig, SparseAutoencoder, sae_config_from_spec, unit_rows
+from trainers.sae import LATENT_PARAMETERS, SAEConfig, SparseAutoencoder, sae_config_from_spec, unit_rows
 
-ARCHS = ["topk", "batchtopk", "abstopk", "jumprelu", "relu"]
+ARCHS = ["topk", "batchtopk", "abstopk", "matryoshka_topk", "matryoshka_batchtopk", "jumprelu", "relu"]
 
 
 @pytest.fixture(autouse=True)
@@ -112,9 +113,9 @@ def test_every_architecture_learns(arch):
     # from W_enc = W_dec (FVU ~1): each must at least reach 0.4 and gain a quarter on its start.
     assert float(final.fvu) < 0.75 * start and float(final.fvu) < 0.4, (start, float(final.fvu))
     l0 = float((final.latent_acts != 0).sum(1).float().mean())
-    if arch in ("topk", "abstopk"):
+    if arch in ("topk", "abstopk", "matryoshka_topk"):
         assert l0 <= 4
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
         assert float(sae.threshold) > 0
     if arch in ("jumprelu", "relu"):
         assert l0 < 32, l0  # the sparsity penalty bites (half of 64 latents fire at init)
@@ -224,7 +225,7 @@ def test_export_keeps_the_function(arch):
     x_hat = acts @ tensors["W_dec"] + tensors["b_dec"]
     with torch.no_grad():
         ours = sae(xs).x_hat
-    if arch == "batchtopk":  # inference with θ differs from the training-time batch selection: compare FVU
+    if "batchtopk" in arch:  # inference with θ differs from the training-time batch selection: compare FVU
         assert abs(float(((xs - x_hat) ** 2).sum() / ((xs - ours) ** 2).sum()) - 1) < 0.5
     else:
         assert torch.allclose(x_hat, ours, atol=1e-4)
@@ -249,8 +250,68 @@ def test_exports_load_in_saelens(tmp_path):
         with torch.no_grad():
             theirs = loaded(x[:64])
             ours = sae(x[:64]).x_hat
-        if arch == "batchtopk":  # SAELens applies θ to every latent; ours caps candidates per row first
+        if "batchtopk" in arch:  # SAELens applies θ to every latent; ours caps candidates per row first
             t = sae.export_tensors()
             pre = (x[:64] - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
             ours = (torch.relu(pre) * (pre > t["threshold"])) @ t["W_dec"] + t["b_dec"]
         assert torch.allclose(theirs, ours, atol=1e-4), arch
+
+
+@pytest.mark.parametrize("arch", ["matryoshka_topk", "matryoshka_batchtopk"])
+def test_matryoshka_loss_is_the_sum_of_the_prefix_losses_dense_reference(arch):
+    """Prefixes 8, 24, 40 and 64 of 64 latents: the loss is Σ_p FVU_p, each prefix decoding the codes of its
+    own latents; values, per-prefix metrics and every gradient against dense products."""
+    sae, x, _ = make(arch, matryoshka_prefixes=[8, 24, 40], encoder_chunk=24)
+    assert sae.cfg.prefix_ends == (8, 24, 40, 64)
+    xs = x[:64]
+    out = sae(xs)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    codes = torch.zeros(64, 64).scatter(1, out.latent_indices, out.latent_acts.detach())
+    pre = (xs - sae.b_dec) @ sae.W_enc.T + sae.b_enc  # the values again, through dense products
+    dense = torch.where(codes != 0, torch.relu(pre), torch.zeros_like(pre))
+    directions = unit_rows(sae.W_dec)
+    denom = (xs - xs.mean(0)).pow(2).sum()
+    fvus = [(xs - dense[:, :m] @ directions[:m] - sae.b_dec).pow(2).sum() / denom for m in (8, 24, 40, 64)]
+    loss = sum(fvus)
+    loss.backward()
+    torch.testing.assert_close(out.loss.detach(), loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.fvu.detach(), fvus[-1].detach(), rtol=1e-5, atol=1e-6)
+    for m, value in zip((8, 24, 40, 64), fvus, strict=True):
+        torch.testing.assert_close(out.metrics[f"fvu_prefix_{m}"], value.detach(), rtol=1e-5, atol=1e-6)
+        assert float(out.metrics[f"l0_prefix_{m}"]) == pytest.approx(float((codes[:, :m] != 0).sum(1).float().mean()))
+    assert float(out.metrics["l0_prefix_8"]) > 0  # every group holds codes: each term is tested
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["matryoshka_topk", "matryoshka_batchtopk"])
+def test_each_prefix_loss_equals_a_small_dictionary_on_the_same_weights(arch):
+    """A separate dictionary of a prefix's m latents, holding the same rows, reconstructs from the same codes of
+    those latents with the FVU that the Matryoshka forward reports for the prefix."""
+    sae, x, _ = make(arch, matryoshka_prefixes=2)  # doubling: 32, 64
+    train(sae, x, steps=10)
+    xs = x[:128]
+    with torch.no_grad():
+        out = sae(xs)
+        for m in sae.cfg.prefix_ends:
+            small = SparseAutoencoder(SAEConfig(d_in=16, latents=m, k=4))
+            small.load_state_dict({n: p[:m] if n in LATENT_PARAMETERS else p
+                                   for n, p in sae.state_dict().items() if n in small.state_dict()})
+            own = out.latent_indices < m  # its latents' codes, the others' slots emptied
+            x_hat = small._decode_sum(sparse_decode(out.latent_acts * own, out.latent_indices * own, small.W_dec))
+            small_fvu = (xs - x_hat).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()
+            torch.testing.assert_close(out.metrics[f"fvu_prefix_{m}"], small_fvu, rtol=1e-5, atol=1e-6)
+        assert float(out.metrics["fvu_prefix_32"]) > float(out.metrics["fvu_prefix_64"])
+
+
+def test_matryoshka_prefixes_are_checked():
+    with pytest.raises(ValueError, match="matryoshka_prefixes must be increasing"):
+        SAEConfig(d_in=16, latents=64, architecture="matryoshka_topk", matryoshka_prefixes=[16, 8])
+    with pytest.raises(ValueError, match="matryoshka_prefixes must be increasing"):
+        SAEConfig(d_in=16, latents=64, architecture="matryoshka_topk", matryoshka_prefixes=[16, 128])
+    with pytest.raises(ValueError, match="matryoshka architectures only"):
+        SAEConfig(d_in=16, latents=64, architecture="topk", matryoshka_prefixes=3)
+    assert SAEConfig(d_in=16, latents=64, architecture="matryoshka_batchtopk").prefix_ends == (8, 16, 32, 64)
