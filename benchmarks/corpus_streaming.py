@@ -7,8 +7,9 @@ tokenizing rate against what the model consumes, and time to the first batch.
 For each format a corpus of --gb gigabytes and one 10x smaller are generated on local disk (and a --s3-mb one on a
 moto S3 server); --producers producers (each its own process, as Ray actors are) stream --tokens tokens between
 them through the model. Printed per corpus: the producers' peak RSS (VmHWM), model load and time to the first
-batch, and the model's own rate (tokens/s of the cut model's forward). The reading + tokenizing rate is measured
-alone (no model) on the large corpus. The last line is one JSON object.
+batch (and its part outside the model's forward: reading, tokenizing, packing, capture), and the model's own rate
+(tokens/s of the cut model's forward). The reading + tokenizing rate and the reader's time to its first window
+(listing the corpus included) are measured alone (no model). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -98,12 +99,15 @@ def _producer(spec_json: str, index: int, producers: int, tokens: int, out) -> N
     info = producer.info()
     meta, _ = producer.next_batch()
     first = time.perf_counter() - started
+    first_forward = meta["forward_seconds"]  # the model's share of the first batch
     got = meta["tokens"]
     while got < tokens and not meta["end"]:
         meta, _ = producer.next_batch()
         got += meta["tokens"]
     out.put({"peak_rss": rss_bytes("VmHWM"), "first_batch_s": first,
              "first_batch_after_load_s": first - info["model_load_s"], "model_load_s": info["model_load_s"],
+             "first_batch_forward_s": first_forward,
+             "first_batch_without_model_s": first - info["model_load_s"] - first_forward,
              "corpus_list_s": info["corpus_list_s"], "tokens": got,
              "model_tokens_per_s": meta["tokens_forwarded"] / max(meta["forward_seconds"], 1e-9)})
 
@@ -130,27 +134,31 @@ def stream(source: str, model: str, tokens: int, producers: int) -> dict:
     return {"peak_rss_mib": max(r["peak_rss"] for r in results) / 2**20,
             "first_batch_s": max(r["first_batch_s"] for r in results),
             "first_batch_after_load_s": max(r["first_batch_after_load_s"] for r in results),
+            "first_batch_without_model_s": max(r["first_batch_without_model_s"] for r in results),
             "model_load_s": max(r["model_load_s"] for r in results),
             "corpus_list_s": max(r["corpus_list_s"] for r in results),
             "tokens": sum(r["tokens"] for r in results),
             "model_tokens_per_s": sum(r["model_tokens_per_s"] for r in results) / len(results)}
 
 
-def read_rate(source: str, model: str, tokens: int) -> float:
-    """Tokens/s of reading + tokenizing + packing alone (one process, no model)."""
+def read_rate(source: str, model: str, tokens: int) -> tuple[float, float]:
+    """Tokens/s of reading + tokenizing + packing alone (one process, no model), and the seconds from listing the
+    corpus to the first window."""
     from services.data import corpus_pieces
     from services.models import load_language_model
     from services.windows import CorpusWindows
 
     spec = _spec(source, model, tokens, 1)
     tokenizer = load_language_model(spec.model, keep_layers=1).tokenizer
+    listed = time.perf_counter()
     windows = CorpusWindows(tokenizer, spec.data, corpus_pieces(spec.data), seed=0, producer=0, epochs=1)
-    started, got = time.perf_counter(), 0
+    started, got, first_window = time.perf_counter(), 0, None
     for _, window in windows.windows():
+        first_window = first_window or time.perf_counter() - listed
         got += len(window)
         if got >= tokens:
             break
-    return got / (time.perf_counter() - started)
+    return got / (time.perf_counter() - started), first_window
 
 
 def main() -> None:
@@ -176,15 +184,19 @@ def main() -> None:
             small = make_corpus(root / f"{fmt}-small", fmt, size // 10)
             big, little = stream(large, args.model, args.tokens, args.producers), \
                 stream(small, args.model, args.tokens, args.producers)
-            rate = read_rate(large, args.model, args.tokens)
+            (rate, first_window), (_, first_window_small) = read_rate(large, args.model, args.tokens), \
+                read_rate(small, args.model, args.tokens)
             figures[fmt] = {"large": big, "small": little, "rss_ratio": big["peak_rss_mib"] / little["peak_rss_mib"],
                             "read_tokens_per_s": rate,
-                            "read_over_model": rate / big["model_tokens_per_s"]}
+                            "read_over_model": rate / big["model_tokens_per_s"],
+                            "reader_first_window_s": {"large": first_window, "small": first_window_small}}
             print(f"{fmt}: {args.gb:g} GB corpus peak RSS {big['peak_rss_mib']:.0f} MiB vs "
                   f"{little['peak_rss_mib']:.0f} MiB at 1/10 (x{figures[fmt]['rss_ratio']:.3f}); first batch "
                   f"{big['first_batch_after_load_s']:.2f} s vs {little['first_batch_after_load_s']:.2f} s after "
-                  f"the model loaded ({big['model_load_s']:.2f} s; listing the corpus {big['corpus_list_s']:.2f} s)"
-                  "; read+tokenize "
+                  f"the model loaded ({big['model_load_s']:.2f} s; listing the corpus {big['corpus_list_s']:.2f} s; "
+                  f"outside the forward {big['first_batch_without_model_s']:.2f} s vs "
+                  f"{little['first_batch_without_model_s']:.2f} s; the reader alone: first window "
+                  f"{first_window:.3f} s vs {first_window_small:.3f} s); read+tokenize "
                   f"{rate:,.0f} tokens/s = {figures[fmt]['read_over_model']:.1f}x the model's "
                   f"{big['model_tokens_per_s']:,.0f}", flush=True)
             shutil.rmtree(root / f"{fmt}-large")
@@ -213,7 +225,8 @@ def s3_run(root: Path, args) -> dict:
         fs.put(local + "/", "corpus/parquet/", recursive=True)
         result = stream("s3://corpus/parquet", args.model, args.tokens, args.producers)
         print(f"s3: {args.s3_mb} MB Parquet on moto, peak RSS {result['peak_rss_mib']:.0f} MiB, first batch "
-              f"{result['first_batch_s']:.2f} s", flush=True)
+              f"{result['first_batch_s']:.2f} s ({result['first_batch_after_load_s']:.2f} s after the model loaded, "
+              f"{result['first_batch_without_model_s']:.2f} s outside the forward)", flush=True)
         return result
     finally:
         server.stop()
