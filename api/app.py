@@ -375,6 +375,10 @@ class Service:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"training.tokens ({spec.training.tokens:,}) is more "
                                 f"than this service runs in one job ({settings.max_tokens:,}, SAEFORGE_MAX_TOKENS); "
                                 "lower it or split the job")
+        try:
+            spec.check_held_out()
+        except ValueError as error:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, str(error)) from None
         shape = model_shape(spec)
         if shape is not None:
             try:

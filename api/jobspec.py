@@ -497,6 +497,16 @@ class JobSpec(Strict):
         size = f"x{d.expansion_factor}" if d.latents is None else str(d.latents)
         return f"{hook.site}-{hook.layer}-{d.architecture}-{size}-k{d.k}"
 
+    def check_held_out(self) -> None:
+        """The splice evaluation and the analysis read held-out documents: with none, refuse the job before it
+        trains (each would fail only at its end). Not a validator: a spec that only streams needs none."""
+        uses = [f for f, on in (("training.splice_eval_tokens", self.training.splice_eval_tokens > 0),
+                                ("analysis.enabled", self.analysis.enabled)) if on]
+        if not self.data.holdout_fraction and self.data.cache.read is None and uses:
+            raise ValueError(f"data.holdout_fraction is 0, so there are no held-out documents for "
+                             f"{' and '.join(uses)}; raise data.holdout_fraction (e.g. 0.02), or set "
+                             "training.splice_eval_tokens to 0 and analysis.enabled to false")
+
     def check_against_model(self, num_layers: int, d_model: int) -> None:
         """The rules that need the model: raise ValueError naming the field and the fix."""
         for i in range(len(self.dictionaries)):

@@ -122,6 +122,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, quiet: bool = False,
     """
     started = time.perf_counter()
     spec = absolute_paths(checked_spec(spec))  # the service's path policy again, before storage is touched
+    spec.check_held_out()
     home = service_home()
     job_id = job_id or new_job_id(spec.name)
     output_uri = spec.output.uri or str(home / job_id)

@@ -161,3 +161,13 @@ def test_matryoshka_prefixes_are_checked_and_reach_the_dictionary():
         with pytest.raises(JobSpecError) as error:
             parse_job_spec({"dictionaries": [dictionary]})
         assert message in str(error.value), dictionary
+
+
+def test_a_job_without_held_out_documents_is_refused_before_it_trains_when_it_needs_them():
+    spec = JobSpec.model_validate({"data": {"holdout_fraction": 0.0}})  # a spec may stream without held-out data
+    with pytest.raises(ValueError, match=r"no held-out documents for training.splice_eval_tokens and "
+                                         r"analysis.enabled; raise data.holdout_fraction"):
+        spec.check_held_out()
+    JobSpec.model_validate({"data": {"holdout_fraction": 0.0}, "training": {"splice_eval_tokens": 0},
+                            "analysis": {"enabled": False}}).check_held_out()
+    JobSpec().check_held_out()
