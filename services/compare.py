@@ -61,6 +61,8 @@ def compare_rows(client: MlflowClient, experiment: str, job_id: str | None = Non
         if job_id is not None and run_job != job_id:
             continue
         dead = _metric(metrics, "final_dead_fraction", "dead_fraction")
+        never = _metric(metrics, "final_never_fired_fraction", "never_fired_fraction")
+        window = _metric(metrics, "final_dead_window_tokens")
         tokens, seconds = _metric(metrics, "final_tokens"), _metric(metrics, "final_train_seconds")
         rate = tokens / seconds if tokens and seconds else _metric(metrics, "tokens_per_s")
         rows.append({
@@ -75,6 +77,10 @@ def compare_rows(client: MlflowClient, experiment: str, job_id: str | None = Non
             "l0": _metric(metrics, "final_held_out_l0", "l0"),
             "fvu": _metric(metrics, "final_held_out_fvu", "fvu"),
             "dead_pct": 100 * dead if dead is not None else None,
+            "never_fired_pct": 100 * never if never is not None else None,
+            "dead_window_tokens": int(window) if window is not None else None,
+            # dead_pct counts latents silent for a whole window: a run shorter than it cannot have any
+            "dead_window_complete": tokens >= window if tokens is not None and window is not None else None,
             "delta_lm_loss": _metric(metrics, "final_delta_lm_loss", "delta_lm_loss"),
             "tokens_per_s": rate,
             "tokens": int(tokens) if tokens is not None else None,
