@@ -2,10 +2,15 @@
 
 `subspace` (arXiv 2508.16929): activations of attention outputs occupy a low-dimensional subspace; random
 decoder directions pointing outside it never fire. So: centre a sample, take the principal directions that
-hold `variance_share` of the variance (or an explicit rank), and draw every decoder row inside their span.
+hold `variance_share` of the variance (or an explicit rank, or a fraction of d), and draw every decoder row
+inside their span. The paper's code then picks one common decoder-row norm by a grid search for the lowest
+reconstruction loss on the sample, may set b_enc = −(mean pre-activation), and normalizes inputs dataset-wise;
+those are options here (trainers/sae.py), next to our least-squares encoder scale.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -91,3 +96,34 @@ def subspace_unit_rows(start: int, stop: int, basis: Tensor, seed: int) -> Tenso
     coefficients = gaussian_rows(start, stop, basis.shape[0], seed).to(basis.device, basis.dtype)
     weight = coefficients @ basis
     return weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def rank_of(d: int, variance_share: float, rank: int | None, rank_fraction: float | None) -> int | None:
+    """The explicit subspace rank, if one is asked for: `rank`, or round(rank_fraction · d) (at least 1); None
+    means "by variance share" (principal_subspace picks it)."""
+    if rank is not None and rank_fraction is not None:
+        raise ValueError("give subspace_rank or subspace_rank_fraction, not both")
+    if rank_fraction is not None:
+        if not 0.0 < rank_fraction <= 1.0:
+            raise ValueError(f"subspace_rank_fraction must be in (0, 1]; got {rank_fraction}")
+        return max(1, round(rank_fraction * d))
+    return rank
+
+
+# The common encoder scales c tried by the norm search (W_enc = c · unit rows, W_dec unit rows): with tied
+# weights of row norm s (the paper's W_E = W_Dᵀ), the reconstruction is s² Σ (ŵ·x) ŵ, so c plays s².
+# 21 points, ×1.58 apart (a forward pass of the init sample each).
+NORM_SEARCH_GRID = tuple(float(c) for c in torch.logspace(-3, 1, 21, dtype=torch.float64))
+
+
+def grid_search(loss_of: Callable[[float], float], grid: Sequence[float]) -> tuple[float, list[float]]:
+    """The grid value with the lowest loss_of(value) (the first on ties), and every loss in grid order."""
+    losses = [float(loss_of(value)) for value in grid]
+    best = min(range(len(grid)), key=lambda i: (losses[i], i))
+    return float(grid[best]), losses
+
+
+def unit_mean_square_factor(sample: Tensor) -> float:
+    """f with mean ‖f·x‖² = 1 over `sample` [N, d]: the dataset-wise input normalization (one scalar). SAELens's
+    `expected_average_only_in` scales to mean ‖x‖ = √d instead — a constant multiple, folded away the same way."""
+    return float(sample.double().pow(2).sum(dim=1).mean().rsqrt())

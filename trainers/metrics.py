@@ -13,7 +13,8 @@ class FiringTracker:
     """Counts, per latent, the tokens since it last fired; a latent is dead once that reaches `window`.
 
     A latent "fires" on a token when its activation exceeds `threshold` in magnitude (1e-3, as in Gao et al.'s
-    code).
+    code). Until `window_tokens` tokens are counted no latent can be dead (`window_complete` is False): what
+    is measurable then is only which latents never fired.
     """
 
     def __init__(self, latents: int, window_tokens: int, device: torch.device | str | None = None,
@@ -48,6 +49,17 @@ class FiringTracker:
 
     def dead_fraction(self) -> float:
         return float(self.dead_mask().float().mean())
+
+    @property
+    def window_complete(self) -> bool:
+        """Whether one whole window has been counted, i.e. whether `dead_fraction` can be above 0 at all."""
+        return self.tokens_counted >= self.window_tokens
+
+    def never_fired_mask(self) -> Tensor:
+        return self.fire_counts == 0
+
+    def never_fired_fraction(self) -> float:
+        return float(self.never_fired_mask().float().mean())
 
     def firing_frequencies(self) -> Tensor:
         """Fraction of the counted tokens on which each latent fired."""

@@ -22,6 +22,30 @@ def test_firing_tracker_window_dead_and_dense():
     assert l0(acts) == 1.0
 
 
+def test_firing_tracker_shorter_than_its_window_says_so_and_counts_never_fired():
+    tracker = FiringTracker(3, window_tokens=100)
+    for batch in range(9):  # 90 tokens: latent 0 fires in the first batch only, 1 in every batch, 2 never
+        tracker.update(torch.tensor([[1.0, 1.0]] * 10), torch.tensor([[1, 0 if batch == 0 else 1]] * 10))
+    assert not tracker.window_complete
+    assert tracker.dead_fraction() == 0.0  # nothing can be dead before one whole window
+    assert tracker.never_fired_mask().tolist() == [False, False, True]
+    assert abs(tracker.never_fired_fraction() - 1 / 3) < 1e-6  # float32 mean
+
+
+def test_a_latent_that_stops_firing_is_dead_exactly_one_window_later():
+    tracker = FiringTracker(2, window_tokens=40)
+    latent_0_fires = [True] * 5 + [False] * 8  # fires in batches 0..4 (10 tokens each), then never again
+    dead_after = []
+    for fires in latent_0_fires:
+        tracker.update(torch.tensor([[1.0, 1.0 if fires else 0.0]] * 10), torch.tensor([[1, 0]] * 10))
+        dead_after.append(tracker.dead_mask().tolist())
+    assert tracker.window_complete and tracker.never_fired_fraction() == 0.0
+    # silent from batch 5 on: 40 tokens without firing after batch 8, dead from then on; latent 1 never dies
+    assert [d[0] for d in dead_after] == [False] * 8 + [True] * 5
+    assert not any(d[1] for d in dead_after)
+    assert tracker.dead_fraction() == 0.5
+
+
 def test_fvu_and_explained_variance():
     x = torch.randn(100, 5)
     assert fvu(x, x) == 0.0
