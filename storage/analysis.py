@@ -13,8 +13,11 @@
 - `vocabulary.parquet` token id → text, for every token the other tables name.
 
 `delphi/<hook>/<start>_<end>.safetensors` + `config.json`: the latent cache EleutherAI delphi's
-`LatentDataset` / `TensorBuffer` read (locations [n, 3] = (window, position, latent − start) as uint16/uint32,
-activations float16, tokens [windows, context]).
+`LatentDataset` / `TensorBuffer` read (delphi/latents/loader.py, eai-delphi 0.1.3): per file locations [n, 3] =
+(window, position, latent − start) as uint16 (uint32 when a value reaches 2**16), activations [n] float16, tokens
+[windows, context] int64 (delphi takes its tokens and context length from here); config.json holds delphi's
+CacheConfig fields plus `model_name`, which delphi hands to AutoTokenizer unless `LatentDataset(tokenizer=...)`
+is given (saeforge writes the model's label there: pass the tokenizer for a random or embedded model).
 """
 
 from __future__ import annotations
@@ -105,8 +108,10 @@ def list_analyses(output_uri: str) -> list[str]:
 
 def write_delphi_cache(uri: str, hook: str, locations: np.ndarray, activations: np.ndarray, tokens: np.ndarray,
                        latents: int, config: dict[str, Any], splits: int = 5) -> list[str]:
-    """delphi's layout: per latent range [start, end] (inclusive, as its `save_splits`), the firings of those
-    latents; locations [n, 3] int64 (window, position, latent) given, written relative to start."""
+    """delphi's layout: per latent range [start, end] (inclusive, the ranges of delphi's `save_splits` in
+    delphi/latents/cache.py), the firings of those latents; locations [n, 3] int64 (window, position, latent)
+    given, written relative to start. A range without firings still gets its file: delphi's `_build_selected`
+    finds files by the ranges' edges."""
     from safetensors.numpy import save as save_safetensors
 
     fs, path = filesystem(join(uri, hook))
@@ -118,7 +123,7 @@ def write_delphi_cache(uri: str, hook: str, locations: np.ndarray, activations: 
         mask = (locations[:, 2] >= start) & (locations[:, 2] <= end)
         part = locations[mask].copy()
         part[:, 2] -= start
-        small = len(part) == 0 or (part[:, 2].max() < 2**16 and part[:, 0].max() < 2**16)
+        small = len(part) == 0 or part.max() < 2**16  # delphi's rule, with the position column checked too
         data = {"locations": part.astype(np.uint16 if small else np.uint32),
                 "activations": activations[mask].astype(np.float16), "tokens": tokens.astype(np.int64)}
         name = join(path, f"{int(start)}_{end}.safetensors")
