@@ -20,10 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from api.paths import HUB_ID, Uri
 
-Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
+Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_in", "mlp_out"]
+# Where each site comes in a block's forward pass: a transcoder reads one site and predicts a later one.
+SITE_ORDER = {"resid_pre": 0, "attn_out": 1, "mlp_in": 2, "mlp_out": 3, "resid_post": 4}
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # The architectures with k active latents per token, trained on the sparse kernels (row-sparse gradients).
 K_SPARSE = ("topk", "batchtopk", "abstopk", "matryoshka_topk", "matryoshka_batchtopk")
+# The transcoder kinds SAELens loads (relu: transcoder; the thresholded ones: jumprelu_transcoder).
+TRANSCODER_SAELENS = ("relu", "jumprelu", "batchtopk", "matryoshka_batchtopk")
+DEAD_WINDOW_MAX_TOKENS = 10_000_000  # the default dead window's cap (Gao et al. count dead over ~10M tokens)
 
 
 def trained_tokens(tokens: int, batch_tokens: int, replicas: int, accumulation: int) -> int:
@@ -110,6 +115,7 @@ class HookSpec(Strict):
             "resid_pre": f"blocks.{self.layer}.hook_resid_pre",
             "resid_post": f"blocks.{self.layer}.hook_resid_post",
             "attn_out": f"blocks.{self.layer}.hook_attn_out",
+            "mlp_in": f"blocks.{self.layer}.ln2.hook_normalized",  # the normalised residual the MLP reads
             "mlp_out": f"blocks.{self.layer}.hook_mlp_out",
         }[self.site]
 
@@ -192,6 +198,9 @@ class DataSpec(Strict):
 class DictionarySpec(Strict):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="default: <site>-<layer>-<architecture>-<M>")
     hook: HookSpec | None = Field(None, description="default: the job's top-level hook")
+    hook_out: HookSpec | None = Field(
+        None, description="a transcoder: reads `hook`, reconstructs this later site (e.g. mlp_in -> mlp_out)")
+    skip: bool = Field(False, description="transcoder: add the learned linear skip path W_skip [d_out, d_in]")
     architecture: Literal["topk", "batchtopk", "abstopk", "matryoshka_topk", "matryoshka_batchtopk", "jumprelu",
                           "relu"] = Field(
         "topk", description="abstopk: top k by |pre-activation|, signed codes; matryoshka_*: nested prefixes, "
@@ -203,7 +212,9 @@ class DictionarySpec(Strict):
     k_aux: Annotated[int, Field(gt=0, le=65_536)] | None = None
     # AuxK's reconstruction scaled per token to its least-squares fit (trainers/sae.py); false: Gao et al.'s form
     auxk_fit_scale: bool = True
-    dead_window_tokens: Annotated[int, Field(gt=0, le=10**13)] = 1_000_000
+    dead_window_tokens: Annotated[int, Field(gt=0, le=10**13)] | None = Field(
+        None, description="a latent that has not fired for this many tokens is dead (and AuxK's to revive); "
+                          "default: min(10M, a quarter of the job's tokens), see JobSpec.dead_window_tokens")
     lr: Annotated[float, Field(gt=0.0)] | None = Field(None, description="default: 2e-4 / sqrt(latents / 2**14)")
     initialization: Literal["subspace", "random"] = Field(
         "subspace", description="subspace: decoder rows in the span of the top principal directions of a sample")
@@ -211,6 +222,16 @@ class DictionarySpec(Strict):
         0.99, description="subspace rank = fewest principal directions holding this share of the variance")
     subspace_rank: Annotated[int, Field(gt=0, le=65_536)] | None = Field(None, description="explicit subspace rank")
     b_dec_init: Literal["geometric_median", "mean"] = "geometric_median"
+    subspace_rank_fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        None, description="explicit subspace rank as a fraction of d (the seed paper recommends ~0.5)")
+    init_scale: Literal["least_squares", "norm_search"] = Field(
+        "least_squares", description="W_enc's common scale at init: least-squares fit on the sample, or the "
+                                     "paper's grid search of one decoder-row norm for the lowest reconstruction loss")
+    b_enc_init: Literal["zero", "mean_preactivation"] = Field(
+        "zero", description="mean_preactivation: b_enc = −(mean pre-activation over the init sample)")
+    normalize_inputs: bool = Field(
+        False, description="scale inputs by one factor to unit mean squared norm (estimated on the init sample, "
+                           "saved with the dictionary, folded into the exported biases)")
     l1_coefficient: Annotated[float, Field(ge=0.0)] = Field(0.02, description="relu: L1 weight")
     l0_coefficient: Annotated[float, Field(ge=0.0)] = Field(0.002, description="jumprelu: L0 weight")
     sparsity_warmup: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
@@ -235,10 +256,15 @@ class DictionarySpec(Strict):
         if self.subspace_rank is not None and self.initialization != "subspace":
             raise ValueError("subspace_rank applies to initialization 'subspace' only; remove subspace_rank or "
                              "set initialization: subspace")
+        if self.subspace_rank_fraction is not None and (self.initialization != "subspace" or self.subspace_rank):
+            raise ValueError("subspace_rank_fraction applies to initialization 'subspace' without subspace_rank; "
+                             "give one of subspace_rank / subspace_rank_fraction, with initialization: subspace")
         if self.batchtopk_row_cap is not None and self.batchtopk_row_cap < self.k:
             raise ValueError(f"batchtopk_row_cap ({self.batchtopk_row_cap}) must be at least k ({self.k}); "
                              "raise it or leave it unset (4·k)")
         self._check_prefixes()
+        if self.skip and self.hook_out is None:
+            raise ValueError("skip applies to transcoders only; set hook_out (e.g. {site: mlp_out}) or remove skip")
         return self
 
     def _check_prefixes(self) -> None:
@@ -278,6 +304,9 @@ class TrainingSpec(Strict):
     keep_checkpoints: Annotated[int, Field(ge=1, le=1000)] = Field(3, description="older checkpoints are pruned")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     eval_tokens: Annotated[int, Field(ge=0, le=10**9)] = Field(16_384, description="held-out tokens for the final FVU")
+    init_tokens: Annotated[int, Field(gt=0, le=10**8)] | None = Field(
+        None, description="tokens of the initialization sample (b_dec, subspace, scale): the first batches of the "
+                          "stream, trained on as well; default: the first batch")
     splice_eval_tokens: Annotated[int, Field(ge=0, le=10**9)] = Field(
         2048, description="held-out tokens for delta LM loss / CE loss recovered (whole model); 0: skip")
     eval_every_steps: Annotated[int, Field(ge=0, le=10**9)] = Field(
@@ -297,6 +326,9 @@ class TrainingSpec(Strict):
                 f"training.tokens ({self.tokens}) is smaller than one batch (training.batch_tokens = "
                 f"{self.batch_tokens}); raise tokens or lower batch_tokens"
             )
+        if self.init_tokens is not None and self.init_tokens > self.tokens:
+            raise ValueError(f"training.init_tokens ({self.init_tokens}) is more than training.tokens "
+                             f"({self.tokens}): the sample is taken from the batches the job trains on; lower it")
         if self.checkpoint_every_steps % self.gradient_accumulation_steps:
             raise ValueError(
                 f"training.checkpoint_every_steps ({self.checkpoint_every_steps}) must be a multiple of "
@@ -414,6 +446,14 @@ class JobSpec(Strict):
                     f"dictionaries[{i}].latents ({d.latents}) must be divisible by cluster.latent_shards "
                     f"({self.cluster.latent_shards}); change one of them"
                 )
+            hook, out = self.hook_of(i), self.hook_out_of(i)
+            if out is not None and (out.layer, SITE_ORDER[out.site]) <= (hook.layer, SITE_ORDER[hook.site]):
+                raise ValueError(f"dictionaries[{i}].hook_out ({out.name}) must come after the site it reads "
+                                 f"({hook.name}) in the forward pass; e.g. hook mlp_in, hook_out mlp_out")
+            if out is not None and "saelens" in self.output.formats and d.architecture not in TRANSCODER_SAELENS:
+                raise ValueError(f"output.formats: SAELens has no {d.architecture} transcoder (dictionaries[{i}]); "
+                                 f"train it as one of {list(TRANSCODER_SAELENS)} or set output.formats to "
+                                 "[sparsify] (TopK transcoders)")
             if "sparsify" in self.output.formats and d.architecture != "topk":
                 raise ValueError(f"output.formats: sparsify loads TopK dictionaries only and dictionaries[{i}] is "
                                  f"{d.architecture}; drop 'sparsify' from output.formats or train it as topk")
@@ -478,15 +518,29 @@ class JobSpec(Strict):
                              "training.optimizer to adam or auto, or change those settings (zero_stage 0, fp32)")
         return not problems
 
+    def dead_window_tokens(self, index: int) -> int:
+        """The dead-latent window of dictionary `index`: its own, else min(10M tokens, a quarter of the job).
+
+        A fixed default longer than the job made "dead 0%" true by construction (and kept AuxK off); a quarter
+        of the job leaves three quarters in which a latent can be seen to stop firing."""
+        own = self.dictionaries[index].dead_window_tokens
+        return own if own is not None else max(1, min(DEAD_WINDOW_MAX_TOKENS, self.total_tokens // 4))
+
     def hook_of(self, index: int) -> HookSpec:
         return self.dictionaries[index].hook or self.hook
 
+    def hook_out_of(self, index: int) -> HookSpec | None:
+        """The site a transcoder reconstructs; None for an autoencoder (it reconstructs its input)."""
+        return self.dictionaries[index].hook_out
+
     def hooks(self) -> list[HookSpec]:
-        """The distinct hook points the dictionaries read, in first-use order."""
+        """The distinct hook points the dictionaries read or (transcoders) reconstruct, in first-use order: the
+        producer captures them all in one forward pass, so a transcoder's input and target rows stay aligned."""
         seen: dict[tuple[int, str], HookSpec] = {}
         for i in range(len(self.dictionaries)):
-            hook = self.hook_of(i)
-            seen.setdefault((hook.layer, hook.site), hook)
+            for hook in (self.hook_of(i), self.hook_out_of(i)):
+                if hook is not None:
+                    seen.setdefault((hook.layer, hook.site), hook)
         return list(seen.values())
 
     def dictionary_name(self, index: int) -> str:
@@ -495,7 +549,9 @@ class JobSpec(Strict):
             return d.name
         hook = self.hook_of(index)
         size = f"x{d.expansion_factor}" if d.latents is None else str(d.latents)
-        return f"{hook.site}-{hook.layer}-{d.architecture}-{size}-k{d.k}"
+        out = self.hook_out_of(index)
+        target = "" if out is None else f"-to-{out.site}-{out.layer}" + ("-skip" if d.skip else "")
+        return f"{hook.site}-{hook.layer}{target}-{d.architecture}-{size}-k{d.k}"
 
     def check_held_out(self) -> None:
         """The splice evaluation and the analysis read held-out documents: with none, refuse the job before it
@@ -512,6 +568,9 @@ class JobSpec(Strict):
         for i in range(len(self.dictionaries)):
             hook = self.hook_of(i)
             where = f"dictionaries[{i}].hook.layer" if self.dictionaries[i].hook else "hook.layer"
+            out = self.hook_out_of(i)
+            if out is not None and out.layer >= num_layers:
+                hook, where = out, f"dictionaries[{i}].hook_out.layer"
             if hook.layer >= num_layers:
                 raise ValueError(f"{where} ({hook.layer}) is beyond the model, which has {num_layers} layers "
                                  f"(0..{num_layers - 1}); choose a layer below {num_layers}")

@@ -35,6 +35,8 @@ def test_job_reports_progress_and_a_good_dictionary(tiny_job):
     assert summary["tokens"] == spec.training.tokens
     assert summary["held_out_fvu"] < 0.5, summary
     assert summary["held_out_l0"] == pytest.approx(8.0)
+    # tiny.yaml's window (50,000 tokens) is a quarter of its 204,800: dead latents are measurable
+    assert summary["dead_window_tokens"] == 50_000 and summary["dead_window_complete"] is True
     # Spliced into the whole model on held-out text. A random model predicts near-uniformly whatever its
     # activations (CE ≈ ln 384 clean, spliced and zero-ablated alike), so only consistency is checked here.
     for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "delta_lm_loss"):
@@ -54,8 +56,8 @@ def test_mlflow_has_the_runs_params_metrics_and_artifacts(tiny_job):
     child = client.get_run(child_id)
     assert child.data.tags["mlflow.parentRunId"] == result.mlflow_run_id
     assert child.data.tags["architecture"] == "topk" and child.data.tags["site"] == "resid_post"
-    for key in ("fvu", "l0", "dead_fraction", "tokens_per_s", "final_held_out_fvu", "delta_lm_loss",
-                "ce_loss_recovered", "final_ce_loss_recovered"):
+    for key in ("fvu", "l0", "dead_fraction", "never_fired_fraction", "tokens_per_s", "final_held_out_fvu",
+                "delta_lm_loss", "ce_loss_recovered", "final_ce_loss_recovered", "final_never_fired_fraction"):
         assert key in child.data.metrics, key
     history = client.get_metric_history(child_id, "fvu")
     assert len(history) == spec.training.steps // spec.training.log_every_steps

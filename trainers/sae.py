@@ -20,6 +20,11 @@ Architectures (one shared encoder/decoder core; the piece that differs is the ac
   sum of the prefixes' FVUs (every prefix weighted 1, as in the paper) + AuxK on the whole dictionary. The
   prefix decodes are one sparse decode of the codes split by group, summed across shards, then a cumulative
   sum: exact when a prefix ends inside a shard. Exported as TopK / as BatchTopK's JumpReLU form.
+- Transcoders (`transcoder`, any architecture above; `skip` adds W_skip [d_out, d_in]): the dictionary reads
+  one site x (e.g. the MLP's normalised input) and reconstructs another, y (the MLP's output), passed as
+  forward(x, target=y): the encoder sees x itself (b_dec lives in the output space, as SAELens/sparsify do),
+  ŷ = Σ codes·Ŵ_dec + b_dec (+ W_skip x), and FVU, AuxK and the prefixes are all measured against y.
+  `x_hat` is then ŷ. Here d_out = d_in (both sites are the model's width).
 - `jumprelu` (arXiv 2407.14435): f = z·H(z − θ), θ = exp(log_threshold) per latent, straight-through threshold
   gradients with a rectangle kernel; loss FVU + λ·L0 with λ warmed up linearly over `sparsity_warmup` of
   training. The paper's ε = 0.001 and θ₀ = 0.001 assume inputs of unit mean squared norm; here they are
@@ -46,12 +51,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainers.init import decoder_bias, principal_subspace, random_unit_rows, subspace_unit_rows
+from trainers.init import (
+    NORM_SEARCH_GRID,
+    decoder_bias,
+    grid_search,
+    principal_subspace,
+    random_unit_rows,
+    rank_of,
+    subspace_unit_rows,
+    unit_mean_square_factor,
+)
 from trainers.kernels import jumprelu, sparse_decode, step, topk_encode
 from trainers.parallel import ShardMesh
 
 ARCHITECTURES = ("topk", "batchtopk", "abstopk", "matryoshka_topk", "matryoshka_batchtopk", "jumprelu", "relu")
 INITIALIZATIONS = ("subspace", "random")
+INIT_SCALES = ("least_squares", "norm_search")  # how W_enc's common scale is set at initialization
+B_ENC_INITS = ("zero", "mean_preactivation")
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,10 @@ class SAEConfig:
     variance_share: float = 0.99
     subspace_rank: int | None = None  # explicit rank; wins over variance_share
     b_dec_init: str = "geometric_median"
+    subspace_rank_fraction: float | None = None  # explicit rank as a fraction of d_in (the paper: ~0.5)
+    init_scale: str = "least_squares"  # or norm_search: the paper's grid search (see initialize)
+    b_enc_init: str = "zero"  # or mean_preactivation: b_enc = −mean of W_enc(x − b_dec) over the sample
+    normalize_inputs: bool = False  # x · f with mean ‖f·x‖² = 1 on the init sample (buffer; folded at export)
     l1_coefficient: float = 0.02  # relu
     l0_coefficient: float = 0.002  # jumprelu
     sparsity_warmup: float = 0.1  # fraction of training over which the L1/L0 coefficient ramps up from 0
@@ -75,6 +95,8 @@ class SAEConfig:
     batchtopk_row_cap: int | None = None  # None: 4·k
     batchtopk_threshold_lr: float = 0.01  # EMA rate of the inference threshold (as SAELens)
     matryoshka_prefixes: tuple[int, ...] | list[int] | int | None = None  # sizes, or doubling groups; None: 4
+    transcoder: bool = False  # reconstructs forward(..., target=y), another site, from x (d_out = d_in)
+    skip: bool = False  # transcoder: + W_skip x, a learned linear skip path (zero at initialization)
     encoder_chunk: int = 8192  # latents per encoder chunk (memory O(N·chunk))
     sparse_grads: bool = False  # W_enc/W_dec grads as row-sparse COO, for trainers.optim.RowSparseAdam
 
@@ -89,6 +111,15 @@ class SAEConfig:
             raise ValueError(f"k must be in 1..latents ({self.latents}); got {self.k}")
         if self.encoder_chunk <= 0:
             raise ValueError(f"encoder_chunk must be positive; got {self.encoder_chunk}")
+        if self.init_scale not in INIT_SCALES:
+            raise ValueError(f"init_scale must be one of {INIT_SCALES}; got {self.init_scale!r}")
+        if self.b_enc_init not in B_ENC_INITS:
+            raise ValueError(f"b_enc_init must be one of {B_ENC_INITS}; got {self.b_enc_init!r}")
+        if self.normalize_inputs and self.transcoder:
+            raise ValueError("normalize_inputs applies to autoencoders; a transcoder scales its target instead "
+                             "(target_scale): leave normalize_inputs off")
+        if self.skip and not self.transcoder:
+            raise ValueError("skip applies to transcoders only (transcoder=True)")
         if self.matryoshka_prefixes is not None and not self.matryoshka:
             raise ValueError(f"matryoshka_prefixes applies to the matryoshka architectures only; got "
                              f"{self.architecture!r}")
@@ -150,6 +181,7 @@ def sae_config_from_spec(dictionary: Mapping[str, Any], d_in: int, **overrides: 
     """
     names = {f.name for f in fields(SAEConfig)} - {"d_in"}
     kwargs = {key: value for key, value in dictionary.items() if key in names and value is not None}
+    kwargs["transcoder"] = dictionary.get("hook_out") is not None  # a DictionarySpec reads one site, predicts another
     kwargs.update(overrides)
     if not isinstance(kwargs.get("latents"), int):
         latents = dictionary.get("latents")
@@ -221,22 +253,39 @@ class SparseAutoencoder(nn.Module):
             self.register_buffer("input_scale", torch.ones((), device=device, dtype=torch.float32))
         if cfg.batch_selection:
             self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float32))
+        if cfg.skip:  # every shard holds it, as b_dec; its gradient is summed over the shards
+            self.W_skip = nn.Parameter(torch.zeros(d, d, device=device, dtype=dtype))
+            self.mesh.all_reduce_shared_grad(self.W_skip)
+        if cfg.transcoder:  # s: the target is learned as s·y, in the input's scale (see initialize_transcoder)
+            self.register_buffer("target_scale", torch.ones((), device=device, dtype=torch.float32))
+        self._target: Tensor | None = None  # the target rows of the forward call in progress (transcoders)
+        if cfg.normalize_inputs:
+            self.register_buffer("input_norm_factor", torch.ones((), device=device, dtype=torch.float32))
         self.mesh.all_reduce_shared_grad(self.b_dec)
 
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def initialize(self, sample: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
         """b_dec from the sample; decoder rows random or in the sample's principal subspace; W_enc = c · W_dec
-        with c the least-squares scale on the sample (see _fit_encoder_scale)."""
+        with c the least-squares scale on the sample (see _fit_encoder_scale) or the grid's best (norm_search);
+        b_enc zero or −(mean pre-activation). With normalize_inputs, all of it on the normalized sample."""
         cfg = self.cfg
         sample = sample.to(self.b_dec.device, torch.float32)
+        info: dict[str, float] = {}
+        if cfg.normalize_inputs:  # one factor for all replicas, like input_scale below
+            factor = sample.new_tensor([unit_mean_square_factor(sample)])
+            factor = float(self.mesh.sum_over(factor, "replicas") / self.mesh.replicas)
+            self.input_norm_factor.fill_(factor)
+            sample = sample * factor
+            info["input_norm_factor"] = factor
         b_dec = decoder_bias(sample, cfg.b_dec_init)
         self.b_dec.copy_(b_dec)
-        info: dict[str, float] = {}
         # The generator fixes the dictionary: a shard draws its own rows of it (the same at any number of shards).
         seed = generator.initial_seed() if generator is not None else int(torch.randint(2**31, ()))
         if cfg.initialization == "subspace":
-            basis, info = principal_subspace(sample, cfg.variance_share, cfg.subspace_rank)
+            rank = rank_of(cfg.d_in, cfg.variance_share, cfg.subspace_rank, cfg.subspace_rank_fraction)
+            basis, subspace_info = principal_subspace(sample, cfg.variance_share, rank)
+            info.update(subspace_info)
             rows = subspace_unit_rows(self.latent_start, self.latent_stop, basis.cpu(), seed)
         else:
             rows = random_unit_rows(self.latent_start, self.latent_stop, cfg.d_in, seed)
@@ -254,9 +303,68 @@ class SparseAutoencoder(nn.Module):
         if cfg.batch_selection:
             self.threshold.zero_()
         if cfg.uses_k:
-            info["encoder_scale"] = self._fit_encoder_scale(sample - b_dec)
+            fit = self._search_encoder_scale if cfg.init_scale == "norm_search" else self._fit_encoder_scale
+            info["encoder_scale"] = fit(sample - b_dec)
+        if cfg.b_enc_init == "mean_preactivation":  # the mean of W_enc(x − b_dec) is W_enc(mean x − b_dec)
+            self.b_enc.copy_(-(self.W_enc @ (sample.mean(dim=0) - b_dec)))
         return info
 
+    @torch.no_grad()
+    def _search_encoder_scale(self, centred: Tensor) -> float:
+        """The paper's norm search: W_enc = c · (unit rows) for the c of NORM_SEARCH_GRID with the lowest
+        reconstruction error Σ‖x − x̂‖² on the sample (tied weights of row norm s give s² = c). With b_enc = 0
+        TopK's selection does not move with c, so the least-squares scale is this search's exact optimum; the
+        grid lands within half a step (×1.26) of it."""
+        rows = self.W_enc.detach().clone()
+
+        def loss_of(c: float) -> float:
+            self.W_enc.copy_(rows * c)
+            x_hat = self._forward_normalized(centred + self.b_dec, None, 1.0).x_hat - self.b_dec
+            return float((centred - x_hat).pow(2).sum())
+
+        best, _ = grid_search(loss_of, NORM_SEARCH_GRID)
+        self.W_enc.copy_(rows * best)
+        if self.cfg.batch_selection:  # θ as the least-squares path leaves it: from one pass at the chosen scale
+            self.threshold.zero_()
+            self._forward_normalized(centred + self.b_dec, None, 1.0)
+        return best
+
+    @torch.no_grad()
+    def initialize_transcoder(self, sample: Tensor, target: Tensor, generator: torch.Generator | None = None
+                              ) -> dict[str, float]:
+        """A transcoder from aligned rows of its input and target sites.
+
+        The target is learned as s·y with s = RMS(x − x̄) / RMS(y − ȳ) (a buffer, one for all replicas): an MLP's
+        output can be orders of magnitude smaller than its input, and Adam's steps, set by the learning rate in
+        absolute units, then throw W_enc, W_skip and b_dec far past it (seen: held-out FVU 1.5e5 after 12 steps
+        on the tiny model's mlp_in → mlp_out). s is folded away at export. The decoder (rows, b_dec) is as
+        `initialize` makes it for s·y; the encoder the same directions with b_enc = −W_enc·mean(x), which
+        centres the pre-activations (the input is not centred by b_dec), both scaled by the least-squares c of
+        the prediction on the samples (a positive scale of W_enc and b_enc keeps the TopK selection)."""
+        x = sample.to(self.b_dec.device, torch.float32)
+        y = target.to(self.b_dec.device, torch.float32)
+        spread = torch.stack([(rows - rows.mean(dim=0)).pow(2).sum(dim=1).mean() for rows in (x, y)])
+        spread = self.mesh.sum_over(spread, "replicas")
+        scale_y = float((spread[0] / spread[1].clamp_min(1e-12)).sqrt())
+        self.target_scale.fill_(1.0)
+        info = self.initialize(y * scale_y, generator)
+        self.target_scale.fill_(scale_y)
+        info["target_scale"] = scale_y
+        self.W_enc.copy_(self.W_dec)
+        self.b_enc.copy_(-(self.W_enc @ x.mean(dim=0)))
+        if self.cfg.uses_k:
+            y = y * scale_y  # from here on in the scaled units
+            y_hat = self(x, target=y).x_hat * scale_y - self.b_dec
+            scale = float(((y - self.b_dec) * y_hat).sum() / y_hat.pow(2).sum().clamp_min(1e-12))
+            if scale > 0:
+                self.W_enc.mul_(scale)
+                self.b_enc.mul_(scale)
+            info["encoder_scale"] = scale
+            if self.cfg.batch_selection:
+                self.threshold.zero_()  # the first training batch sets θ at the final scale
+        return info
+
+    @torch.no_grad()
     def _fit_encoder_scale(self, centred: Tensor) -> float:
         """Scale W_enc by the least-squares factor c = ⟨x − b, x̂ − b⟩ / ‖x̂ − b‖² over the sample.
 
@@ -266,7 +374,7 @@ class SparseAutoencoder(nn.Module):
         BatchTopK pick the same latents), so only the magnitudes move, to where the reconstruction error is least.
         ReLU and JumpReLU keep W_enc = W_dec: their sparsity penalty, not a fixed k, sets how many rows add up.
         """
-        x_hat = self(centred + self.b_dec).x_hat - self.b_dec
+        x_hat = self._forward_normalized(centred + self.b_dec, None, 1.0).x_hat - self.b_dec
         scale = float((centred * x_hat).sum() / x_hat.pow(2).sum().clamp_min(1e-12))
         if scale > 0:
             self.W_enc.mul_(scale)
@@ -276,7 +384,28 @@ class SparseAutoencoder(nn.Module):
         return unit_rows(self.W_dec)
 
     # ------------------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None, *, progress: float = 1.0) -> SAEOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, *, progress: float = 1.0,
+                target: Tensor | None = None) -> SAEOutput:
+        """`target`: a transcoder's rows of the site it reconstructs [N, d]; None: x itself."""
+        scale = self.target_scale if self.cfg.transcoder else None
+        self._target = target if scale is None or target is None else target * scale.to(target.dtype)
+        try:
+            out = self._forward(x, dead_mask, progress=progress)
+        finally:
+            self._target = None
+        if scale is not None:  # the prediction in the target's own units (FVU and the losses are the same)
+            out.x_hat = out.x_hat / scale.to(out.x_hat.dtype)
+        return out
+
+    def _forward(self, x: Tensor, dead_mask: Tensor | None = None, *, progress: float = 1.0) -> SAEOutput:
+        if self.cfg.normalize_inputs:  # the dictionary sees f·x; x̂ comes back in the input's units (FVU: same)
+            factor = self.input_norm_factor.to(x.dtype)
+            out = self._forward_normalized(x * factor, dead_mask, progress)
+            out.x_hat = out.x_hat / factor
+            return out
+        return self._forward_normalized(x, dead_mask, progress)
+
+    def _forward_normalized(self, x: Tensor, dead_mask: Tensor | None, progress: float) -> SAEOutput:
         if self.cfg.uses_k:
             return self._forward_sparse(x, dead_mask)
         return self._forward_dense(x, progress)
@@ -284,9 +413,10 @@ class SparseAutoencoder(nn.Module):
     def _forward_sparse(self, x: Tensor, dead_mask: Tensor | None) -> SAEOutput:
         cfg = self.cfg
         batch = cfg.batch_selection
+        y = self._target if self._target is not None else x  # what is reconstructed
         aux_wanted = cfg.uses_auxk and self.training and dead_mask is not None and self._any_dead(dead_mask)
         acts, indices, aux_acts, aux_indices = topk_encode(
-            x - self.b_dec, self.W_enc, self.b_enc, cfg.row_cap if batch else cfg.k, chunk=cfg.encoder_chunk,
+            self._encoder_input(x), self.W_enc, self.b_enc, cfg.row_cap if batch else cfg.k, chunk=cfg.encoder_chunk,
             dead_mask=dead_mask if aux_wanted else None, k_aux=cfg.effective_k_aux if aux_wanted else 0,
             sparse_grads=cfg.sparse_grads, signed=cfg.signed)
         metrics: dict[str, Tensor] = {}
@@ -295,16 +425,16 @@ class SparseAutoencoder(nn.Module):
         elif self.mesh.sharded:
             acts = acts * self.mesh.select_global(acts.abs() if cfg.signed else acts, cfg.k)
         if cfg.matryoshka:
-            x_hat, prefix_fvu = self._prefix_decodes(x, acts, indices, metrics)
+            x_hat, prefix_fvu = self._prefix_decodes(x, y, acts, indices, metrics)
             fvu = prefix_fvu[-1]
         else:
-            x_hat = self._decode_sum(sparse_decode(acts, indices, self.W_dec, sparse_grads=cfg.sparse_grads))
-            fvu = (x - x_hat).pow(2).sum() / variance_denominator(x)
+            x_hat = self._decode_sum(sparse_decode(acts, indices, self.W_dec, sparse_grads=cfg.sparse_grads), x)
+            fvu = (y - x_hat).pow(2).sum() / variance_denominator(y)
         auxk_loss = x.new_zeros(())
         if aux_wanted and (aux_acts.shape[1] > 0 or self.mesh.sharded):
             # Reconstruct the residual from dead latents only; normalized by the residual's own variance (as
             # Gao et al.'s code does) so the term keeps its weight as the main FVU falls.
-            residual = (x - x_hat).detach()
+            residual = (y - x_hat).detach()
             if self.mesh.sharded:
                 # A shard offers min(k_aux, its dead latents) candidates: pad to k_aux so every shard gathers
                 # the same width (zeros decode to nothing), then keep the global top-k_aux, as one rank would.
@@ -322,7 +452,7 @@ class SparseAutoencoder(nn.Module):
         loss = reconstruction + cfg.auxk_alpha * auxk_loss
         return SAEOutput(x_hat, acts, indices, fvu, auxk_loss, loss, metrics=metrics)
 
-    def _prefix_decodes(self, x: Tensor, acts: Tensor, indices: Tensor, metrics: dict[str, Tensor]
+    def _prefix_decodes(self, x: Tensor, y: Tensor, acts: Tensor, indices: Tensor, metrics: dict[str, Tensor]
                         ) -> tuple[Tensor, Tensor]:
         """Matryoshka: (x̂ of the whole dictionary, FVU of every prefix [G]); per-prefix FVU and L0 into `metrics`.
 
@@ -334,11 +464,11 @@ class SparseAutoencoder(nn.Module):
         boundaries = torch.tensor(ends, device=indices.device)
         group = torch.bucketize(indices + self.latent_start, boundaries, right=True)  # [N, k'] in 0..G-1
         groups = torch.arange(len(ends), device=indices.device)[:, None, None]
-        n, d = x.shape
+        n, d = y.shape
         split = (acts[None] * (group[None] == groups)).reshape(len(ends) * n, -1)
         partial = sparse_decode(split, indices.repeat(len(ends), 1), self.W_dec, sparse_grads=self.cfg.sparse_grads)
-        prefix_hat = self._decode_sum(partial.view(len(ends), n, d).cumsum(0))  # b_dec once, as _decode_sum
-        prefix_fvu = (x[None] - prefix_hat).pow(2).sum(dim=(1, 2)) / variance_denominator(x)
+        prefix_hat = self._decode_sum(partial.view(len(ends), n, d).cumsum(0), x)  # b_dec (and skip) once
+        prefix_fvu = (y[None] - prefix_hat).pow(2).sum(dim=(1, 2)) / variance_denominator(y)
         with torch.no_grad():
             active = ((acts != 0)[None] & (group[None] <= groups)).sum(dim=2).float().mean(dim=1)
             active = self.mesh.sum_over(active, "shards")
@@ -354,9 +484,15 @@ class SparseAutoencoder(nn.Module):
             return bool(dead_mask.any())
         return bool(self.mesh.sum_over(dead_mask.any().float().reshape(1), "shards") > 0)
 
-    def _decode_sum(self, partial: Tensor) -> Tensor:
-        """x̂ = Σ over shards of the partial decodes + b_dec (each shard adds b_dec / S, so b_dec counts once)."""
-        return self.mesh.sum_across_shards(partial + self.b_dec / self.mesh.shards)
+    def _encoder_input(self, x: Tensor) -> Tensor:
+        """x − b_dec for an autoencoder; a transcoder's b_dec is in the output space, so x itself."""
+        return x if self.cfg.transcoder else x - self.b_dec
+
+    def _decode_sum(self, partial: Tensor, x: Tensor) -> Tensor:
+        """x̂ = Σ over shards of the partial decodes + b_dec (+ W_skip x): each shard adds 1/S of the shared
+        terms, so they count once and their gradients, summed over the shards, are whole."""
+        shared = self.b_dec if not self.cfg.skip else self.b_dec + x @ self.W_skip.T
+        return self.mesh.sum_across_shards(partial + shared / self.mesh.shards)
 
     def _batch_select(self, acts: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """BatchTopK: keep the top N·k of the batch's candidates (training) or those above θ (inference)."""
@@ -392,22 +528,23 @@ class SparseAutoencoder(nn.Module):
 
     def _forward_dense(self, x: Tensor, progress: float) -> SAEOutput:
         cfg = self.cfg
-        pre = (x - self.b_dec) @ self.W_enc.T + self.b_enc
+        y = self._target if self._target is not None else x  # what is reconstructed
+        pre = self._encoder_input(x) @ self.W_enc.T + self.b_enc
         warm = min(1.0, progress / cfg.sparsity_warmup) if cfg.sparsity_warmup > 0 else 1.0
         if cfg.architecture == "relu":
             acts = torch.relu(pre)
-            x_hat = self._decode_sum(acts @ self.W_dec)
-            rms = (variance_denominator(x) / x.shape[0]).sqrt().detach()
+            x_hat = self._decode_sum(acts @ self.W_dec, x)
+            rms = (variance_denominator(y) / y.shape[0]).sqrt().detach()
             sparsity = self.mesh.sum_across_shards((acts * self.W_dec.norm(dim=1)).sum(dim=1).mean() / rms)
             coefficient = cfg.l1_coefficient * warm
         else:  # jumprelu
             threshold = self.log_threshold.exp()
             bandwidth = cfg.jumprelu_bandwidth * float(self.input_scale)
             acts = jumprelu(pre, threshold, bandwidth)
-            x_hat = self._decode_sum(acts @ self.decoder_directions())
+            x_hat = self._decode_sum(acts @ self.decoder_directions(), x)
             sparsity = self.mesh.sum_across_shards(step(pre, threshold, bandwidth).sum(dim=1).mean())
             coefficient = cfg.l0_coefficient * warm
-        fvu = (x - x_hat).pow(2).sum() / variance_denominator(x)
+        fvu = (y - x_hat).pow(2).sum() / variance_denominator(y)
         local = self.latent_stop - self.latent_start
         indices = torch.arange(local, device=x.device).expand(x.shape[0], local)
         loss = fvu + coefficient * sparsity
@@ -433,6 +570,21 @@ class SparseAutoencoder(nn.Module):
             tensors["threshold"] = self.log_threshold.detach().float().exp().cpu()
         if self.cfg.batch_selection:
             tensors["threshold"] = torch.full((self.latent_stop - self.latent_start,), float(self.threshold))
+        if self.cfg.skip:
+            tensors["W_skip"] = self.W_skip.detach().float().cpu().clone()
+        if self.cfg.transcoder:  # trained to predict s·y: the codes (W_enc, b_enc, θ), b_dec and W_skip carry 1/s,
+            scale = float(self.target_scale)  # the decoder keeps unit rows (every activation is homogeneous)
+            for name in ("W_enc", "b_enc", "threshold", "b_dec", "W_skip"):
+                if name in tensors:
+                    tensors[name] = tensors[name] / scale
+        if self.cfg.normalize_inputs:
+            # Fold the input factor f away (as SAELens's fold_activation_norm_scaling_factor, with unit decoder
+            # rows kept): every activation here is positively homogeneous, so codes of x/f·(f·x) are the codes of
+            # f·x divided by f, and b_enc/f, b_dec/f, θ/f on raw x give the same x̂ (codes 1/f of the trained ones).
+            factor = float(self.input_norm_factor)
+            for name in ("b_enc", "b_dec", "threshold"):
+                if name in tensors:
+                    tensors[name] = tensors[name] / factor
         return tensors
 
     def export_config(self) -> dict[str, Any]:
@@ -445,6 +597,13 @@ class SparseAutoencoder(nn.Module):
         """
         arch = self.cfg.architecture
         prefixes = {"matryoshka_widths": list(self.cfg.prefix_ends)} if self.cfg.matryoshka else {}
+        if self.cfg.transcoder:  # SAELens's transcoder classes: ReLU, or thresholded (JumpReLU); no TopK one
+            if arch not in ("relu", "jumprelu", "batchtopk", "matryoshka_batchtopk"):
+                raise ValueError(f"SAELens has no {arch} transcoder; export it in the sparsify layout (TopK) instead")
+            kind = "transcoder" if arch == "relu" else "jumprelu_transcoder"
+            if self.cfg.skip:
+                kind = kind.replace("transcoder", "skip_transcoder")
+            return {"architecture": kind, "d_out": self.cfg.d_in, "apply_b_dec_to_input": False, **prefixes}
         if arch in ("topk", "abstopk", "matryoshka_topk"):
             return {"architecture": arch.removeprefix("matryoshka_"), "k": self.cfg.k,
                     "rescale_acts_by_decoder_norm": False, **prefixes}

@@ -44,6 +44,7 @@ class Dictionary:
     engine: object
     tracker: FiringTracker
     init_info: dict
+    target_name: str | None = None  # a transcoder's hook_out site (the rows it reconstructs)
 
 
 def _fetch(buffer, mesh: ShardMesh, step: int) -> dict[str, np.ndarray] | None:
@@ -54,7 +55,14 @@ def _fetch(buffer, mesh: ShardMesh, step: int) -> dict[str, np.ndarray] | None:
     return ray.get(refs[0]) if refs else None
 
 
-def _build(spec: JobSpec, index: int, sample: np.ndarray, device: torch.device, mesh: ShardMesh) -> Dictionary:
+def _target_name(spec: JobSpec, index: int) -> str | None:
+    out = spec.hook_out_of(index)
+    return out.name if out is not None else None
+
+
+def _build(spec: JobSpec, index: int, sample: np.ndarray, device: torch.device, mesh: ShardMesh,
+           target: np.ndarray | None = None) -> Dictionary:
+    """`target`: a transcoder's rows of its hook_out site, aligned with `sample`."""
     dictionary = spec.dictionaries[index]
     d_model = sample.shape[1]
     latents = dictionary.resolved_latents(d_model)
@@ -63,15 +71,26 @@ def _build(spec: JobSpec, index: int, sample: np.ndarray, device: torch.device, 
                                sparse_grads=spec.lazy_adam(index, bf16))
     sae = SparseAutoencoder(cfg, device=device, mesh=mesh)
     generator = torch.Generator().manual_seed(spec.training.seed + index)
-    info = sae.initialize(_tensor(sample).to(device), generator=generator)
+    if target is None:
+        info = sae.initialize(_tensor(sample).to(device), generator=generator)
+    else:
+        info = sae.initialize_transcoder(_tensor(sample).to(device), _tensor(target).to(device), generator=generator)
     accumulation = spec.training.gradient_accumulation_steps
     engine = build_engine(sae, lr=dictionary.resolved_lr(d_model), total_steps=spec.optimizer_steps,
                           warmup_steps=-(-spec.training.warmup_steps // accumulation),  # batches → optimizer steps
                           zero_stage=spec.cluster.zero_stage, bf16=bf16,
                           mpu=mesh if mesh.world > 1 else None, gradient_accumulation_steps=accumulation,
                           offload_optimizer=spec.cluster.offload_optimizer)
-    tracker = FiringTracker(sae.latent_stop - sae.latent_start, dictionary.dead_window_tokens, device=device)
-    return Dictionary(spec.dictionary_name(index), spec.hook_of(index).name, sae, engine, tracker, info)
+    tracker = FiringTracker(sae.latent_stop - sae.latent_start, spec.dead_window_tokens(index), device=device)
+    return Dictionary(spec.dictionary_name(index), spec.hook_of(index).name, sae, engine, tracker, info,
+                      _target_name(spec, index))
+
+
+def _sample(batches: list[dict[str, np.ndarray]], hook_name: str, tokens: int | None) -> np.ndarray:
+    """The first `tokens` rows of the batches at one hook (all of the first batch when tokens is None)."""
+    if tokens is None:
+        return batches[0][hook_name]
+    return np.concatenate([b[hook_name] for b in batches])[:tokens]
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -80,9 +99,15 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
         return to_torch(array)  # float32, or bf16 from a GPU stream
 
 
-def _input(d: Dictionary, batch: dict[str, np.ndarray], device: torch.device) -> torch.Tensor:
+def _input(d: Dictionary, batch: dict[str, np.ndarray], device: torch.device, name: str | None = None
+           ) -> torch.Tensor:
     dtype = next(d.engine.module.parameters()).dtype
-    return _tensor(batch[d.hook_name]).to(device=device, dtype=dtype)
+    return _tensor(batch[name or d.hook_name]).to(device=device, dtype=dtype)
+
+
+def _target(d: Dictionary, batch: dict[str, np.ndarray], device: torch.device) -> torch.Tensor | None:
+    """A transcoder's target rows (its hook_out site, row-aligned with its input); None for an autoencoder."""
+    return None if d.target_name is None else _input(d, batch, device, d.target_name)
 
 
 def _save_checkpoint(dictionaries: list[Dictionary], mesh: ShardMesh, buffer, step: int, tokens: int,
@@ -170,7 +195,18 @@ def train_worker(config: dict) -> None:
         raise RuntimeError(f"the activation stream ended before step {start_step}: the corpus holds less than one "
                            "batch per replica in data.epochs; lower training.batch_tokens, raise data.epochs or "
                            "add data")
-    dictionaries = [_build(spec, i, batch[spec.hook_of(i).name], device, mesh)
+    # The initialization sample: training.init_tokens from the first batches of this replica (kept, and
+    # trained on in their turn), or the first batch. On a resume the checkpoint overwrites what it sets.
+    first = [batch]
+    wanted = -(-(spec.training.init_tokens or 0) // spec.training.batch_tokens)
+    while not start_step and len(first) < min(wanted, spec.steps):
+        more = _fetch(buffer, mesh, len(first))
+        if more is None:
+            break
+        first.append(more)
+    dictionaries = [_build(spec, i, _sample(first, spec.hook_of(i).name, spec.training.init_tokens), device, mesh,
+                           None if _target_name(spec, i) is None else
+                           _sample(first, _target_name(spec, i), spec.training.init_tokens))
                     for i in range(len(spec.dictionaries))]
     if rank == 0:
         for d in dictionaries:
@@ -187,7 +223,7 @@ def train_worker(config: dict) -> None:
 
     for step in range(start_step, total_steps):
         if step > start_step:
-            batch = _fetch(buffer, mesh, step)
+            batch = first[step - start_step] if step - start_step < len(first) else _fetch(buffer, mesh, step)
             if batch is None:  # data.epochs ran out: the job ends here, with the steps it trained
                 if rank == 0:
                     for d in dictionaries:
@@ -196,7 +232,7 @@ def train_worker(config: dict) -> None:
         progress = step / total_steps
         for d in dictionaries:
             x = _input(d, batch, device)
-            out = d.engine(x, dead_mask=d.tracker.dead_mask(), progress=progress)
+            out = d.engine(x, dead_mask=d.tracker.dead_mask(), progress=progress, target=_target(d, batch, device))
             d.engine.backward(out.loss)
             d.engine.step()
             with torch.no_grad():
@@ -214,10 +250,11 @@ def train_worker(config: dict) -> None:
             for d in dictionaries:
                 means = mesh.sum_over(torch.stack(window[d.name]).mean(dim=0), "replicas") / mesh.replicas
                 window[d.name] = []
-                l0, dead, dense = _across_shards(mesh, d, means[3])
+                l0, dead, dense, never = _across_shards(mesh, d, means[3])
                 metrics = {"fvu": float(means[0]), "explained_variance": 1 - float(means[0]),
                            "auxk_loss": float(means[1]), "loss": float(means[2]), "l0": l0,
-                           "dead_fraction": dead, "dense_fraction": dense, "lr": d.engine.get_lr()[0],
+                           "dead_fraction": dead, "never_fired_fraction": never, "dense_fraction": dense,
+                           "lr": d.engine.get_lr()[0],
                            "tokens_per_s": spec.training.log_every_steps * rows_per_step / max(elapsed, 1e-9),
                            **{name: float(value) for name, value in zip(extra_names[d.name], means[4:], strict=True)}}
                 if rank == 0:
@@ -250,13 +287,14 @@ def train_worker(config: dict) -> None:
     ray.train.report({"step": total_steps, "tokens": tokens})
 
 
-def _across_shards(mesh: ShardMesh, d: Dictionary, local_l0: torch.Tensor) -> tuple[float, float, float]:
-    """L0, dead fraction and dense fraction of the whole dictionary from this shard's parts."""
+def _across_shards(mesh: ShardMesh, d: Dictionary, local_l0: torch.Tensor) -> tuple[float, float, float, float]:
+    """L0, dead, dense and never-fired fractions of the whole dictionary from this shard's parts."""
     counts = torch.stack([local_l0.float(), d.tracker.dead_mask().sum().float(),
-                          (d.tracker.firing_frequencies() > 0.1).sum().float()])
+                          (d.tracker.firing_frequencies() > 0.1).sum().float(),
+                          d.tracker.never_fired_mask().sum().float()])
     counts = mesh.sum_over(counts, "shards")
     latents = d.sae.cfg.latents
-    return float(counts[0]), float(counts[1]) / latents, float(counts[2]) / latents
+    return float(counts[0]), float(counts[1]) / latents, float(counts[2]) / latents, float(counts[3]) / latents
 
 
 # Per-latent export tensors and the dimension they are split along.
@@ -275,18 +313,20 @@ def _full_state(d: Dictionary, mesh: ShardMesh) -> dict[str, torch.Tensor]:
 def _finish(spec: JobSpec, index: int, d: Dictionary, held_out: dict | None, tokens: int, config: dict,
             device: torch.device, mesh: ShardMesh) -> dict:
     """Held-out FVU / L0, splice metrics and the SAELens export of one dictionary (collective; rank 0 writes)."""
-    _, dead, dense = _across_shards(mesh, d, torch.zeros(()))
-    never = mesh.sum_over((d.tracker.fire_counts == 0).sum().float(), "shards")
+    _, dead, dense, never = _across_shards(mesh, d, torch.zeros(()))
     frequencies = mesh.gather_latents(d.tracker.firing_frequencies())
-    result = {"tokens": tokens, "dead_window_tokens": d.tracker.window_tokens, "dead_fraction": dead,
-              "dense_fraction": dense, "never_fired_fraction": float(never) / d.sae.cfg.latents,
+    # dead_fraction counts latents silent for the whole last window; a job shorter than its window cannot
+    # have any (dead_window_complete False says so), never_fired_fraction is measurable either way.
+    result = {"tokens": tokens, "dead_window_tokens": d.tracker.window_tokens,
+              "dead_window_complete": d.tracker.window_complete, "dead_fraction": dead,
+              "dense_fraction": dense, "never_fired_fraction": never,
               "firing_frequencies": frequencies.cpu().numpy(), "latent_shards": mesh.shards,
               "replicas": mesh.replicas, **d.init_info}
     sae = d.engine.module
     if held_out is not None and len(held_out[d.hook_name]):
         sae.eval()
         with torch.no_grad():
-            out = sae(_input(d, held_out, device))
+            out = sae(_input(d, held_out, device), target=_target(d, held_out, device))
         sae.train()
         active = mesh.sum_over((out.latent_acts != 0).sum(dim=-1).float().mean(), "shards")
         result.update(held_out_fvu=float(out.fvu), held_out_l0=float(active),
@@ -305,10 +345,14 @@ def _finish(spec: JobSpec, index: int, d: Dictionary, held_out: dict | None, tok
                     "hook_site": hook.site, "context_size": spec.data.context_length,
                     "training_tokens": tokens, "dataset_path": spec.data.source, "job_id": config["job_id"],
                     "dictionary_name": d.name, "prepend_bos": True, "sae_lens_training_version": None}
+        if d.target_name is not None:  # a transcoder: where its prediction goes (SAELens's key)
+            metadata["hook_name_out"] = d.target_name
+        if sae.cfg.normalize_inputs:  # trained on f·x; f is folded into the exported biases (raw inputs in)
+            metadata["input_norm_factor_folded"] = float(sae.input_norm_factor)
         if "saelens" in spec.output.formats:
             cfg = saelens_config(sae.cfg.d_in, sae.cfg.latents, sae.export_config(), metadata)
             result["saelens_uri"] = save_saelens(join(config["output_uri"], "dictionaries", d.name), tensors, cfg)
         if "sparsify" in spec.output.formats:
             result["sparsify_uri"] = save_sparsify(join(config["output_uri"], "sparsify", d.name), tensors,
-                                                   sae.cfg.k, metadata)
+                                                   sae.cfg.k, metadata, transcode=sae.cfg.transcoder)
     return result

@@ -119,6 +119,17 @@ def test_default_lr_scales_with_latents():
     assert spec.dictionaries[0].resolved_lr(576) == pytest.approx(2e-4 / 2)
 
 
+def test_dead_window_defaults_to_a_quarter_of_the_job_capped_at_10m_tokens():
+    spec = parse_job_spec({"training": {"tokens": 393_216},
+                           "dictionaries": [{"k": 32}, {"k": 16, "dead_window_tokens": 50_000}]})
+    assert spec.dead_window_tokens(0) == 393_216 // 4  # AuxK and "dead" see three quarters of the job
+    assert spec.dead_window_tokens(1) == 50_000  # an explicit window wins
+    assert parse_job_spec({"training": {"tokens": 10**9}}).dead_window_tokens(0) == 10_000_000
+    # a quarter of what is trained: whole batches of every replica (here 2 × 4,096 per step)
+    odd = parse_job_spec({"training": {"tokens": 100_000}, "cluster": {"trainer_ranks": 2}})
+    assert odd.dead_window_tokens(0) == odd.total_tokens // 4 == 12 * 8192 // 4
+
+
 def test_output_uri_scheme_checked():
     with pytest.raises(JobSpecError, match="output.uri"):
         parse_job_spec({"output": {"uri": "gs://bucket/x"}})
@@ -171,3 +182,34 @@ def test_a_job_without_held_out_documents_is_refused_before_it_trains_when_it_ne
     JobSpec.model_validate({"data": {"holdout_fraction": 0.0}, "training": {"splice_eval_tokens": 0},
                             "analysis": {"enabled": False}}).check_held_out()
     JobSpec().check_held_out()
+
+
+def test_transcoder_reads_one_site_and_reconstructs_a_later_one():
+    spec = parse_job_spec({"dictionaries": [
+        {"hook": {"layer": 1, "site": "mlp_in"}, "hook_out": {"layer": 1, "site": "mlp_out"}, "skip": True,
+         "architecture": "batchtopk", "latents": 64, "k": 4},
+        {"hook": {"layer": 1, "site": "mlp_out"}, "latents": 64, "k": 4}]})
+    assert spec.hook_out_of(0).name == "blocks.1.hook_mlp_out" and spec.hook_out_of(1) is None
+    assert [h.name for h in spec.hooks()] == ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
+    assert spec.dictionary_name(0) == "mlp_in-1-to-mlp_out-1-skip-batchtopk-64-k4"
+    from trainers.sae import sae_config_from_spec
+    cfg = sae_config_from_spec(spec.dictionaries[0].model_dump(), d_in=16)
+    assert cfg.transcoder and cfg.skip
+    assert not sae_config_from_spec(spec.dictionaries[1].model_dump(), d_in=16).transcoder
+    transcoder = {"hook": {"layer": 1, "site": "mlp_in"}, "hook_out": {"layer": 1, "site": "mlp_out"},
+                  "latents": 64, "k": 4}
+    cases = [({"dictionaries": [{"skip": True}]}, "skip applies to transcoders only"),
+             ({"dictionaries": [{**transcoder, "hook_out": {"layer": 0, "site": "mlp_out"}}]},
+              "must come after the site it reads"),
+             ({"dictionaries": [transcoder]}, "SAELens has no topk transcoder"),
+             ({"dictionaries": [{**transcoder, "architecture": "abstopk"}], "output": {"formats": ["sparsify"]}},
+              "sparsify loads TopK dictionaries only")]
+    for data, message in cases:
+        with pytest.raises(JobSpecError) as error:
+            parse_job_spec(data)
+        assert message in str(error.value), data
+    topk = parse_job_spec({"dictionaries": [transcoder], "output": {"formats": ["sparsify"]}})
+    assert topk.dictionaries[0].architecture == "topk"
+    with pytest.raises(ValueError, match="hook_out.layer"):
+        parse_job_spec({"dictionaries": [{**transcoder, "hook_out": {"layer": 5, "site": "mlp_out"}}],
+                        "output": {"formats": ["sparsify"]}}).check_against_model(num_layers=3, d_model=16)
