@@ -58,15 +58,21 @@ def _write_folder(uri: str, weights_file: str, tensors: dict[str, torch.Tensor],
     return uri
 
 
-def save_sparsify(uri: str, tensors: dict[str, torch.Tensor], k: int, metadata: dict[str, Any]) -> str:
-    """Write a TopK dictionary, given in SAELens naming (export tensors), as a sparsify folder at `uri`."""
+def save_sparsify(uri: str, tensors: dict[str, torch.Tensor], k: int, metadata: dict[str, Any],
+                  transcode: bool = False) -> str:
+    """Write a TopK dictionary, given in SAELens naming (export tensors), as a sparsify folder at `uri`.
+
+    A transcoder (`transcode`): sparsify encodes x without subtracting b_dec, as ours does, and a `W_skip` among
+    the tensors becomes its skip connection (both [d_out, d_in], applied as x W_skipᵀ)."""
     d_sae, d_in = tensors["W_dec"].shape
     payload = {"encoder.weight": tensors["W_enc"].T, "encoder.bias": tensors["b_enc"], "W_dec": tensors["W_dec"],
                "b_dec": tensors["b_dec"]}
+    if "W_skip" in tensors:
+        payload["W_skip"] = tensors["W_skip"]
     # sparsify reads the fields it knows (drop_extra_fields) and ignores our metadata block
     config = {"activation": "topk", "expansion_factor": max(d_sae // d_in, 1), "normalize_decoder": True,
-              "num_latents": d_sae, "k": k, "multi_topk": False, "skip_connection": False, "transcode": False,
-              "d_in": d_in, "saeforge": metadata}
+              "num_latents": d_sae, "k": k, "multi_topk": False, "skip_connection": "W_skip" in tensors,
+              "transcode": transcode, "d_in": d_in, "saeforge": metadata}
     return _write_folder(uri, SPARSIFY_WEIGHTS, payload, config)
 
 

@@ -301,7 +301,7 @@ def test_each_prefix_loss_equals_a_small_dictionary_on_the_same_weights(arch):
             small.load_state_dict({n: p[:m] if n in LATENT_PARAMETERS else p
                                    for n, p in sae.state_dict().items() if n in small.state_dict()})
             own = out.latent_indices < m  # its latents' codes, the others' slots emptied
-            x_hat = small._decode_sum(sparse_decode(out.latent_acts * own, out.latent_indices * own, small.W_dec))
+            x_hat = small._decode_sum(sparse_decode(out.latent_acts * own, out.latent_indices * own, small.W_dec), xs)
             small_fvu = (xs - x_hat).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()
             torch.testing.assert_close(out.metrics[f"fvu_prefix_{m}"], small_fvu, rtol=1e-5, atol=1e-6)
         assert float(out.metrics["fvu_prefix_32"]) > float(out.metrics["fvu_prefix_64"])
@@ -315,3 +315,80 @@ def test_matryoshka_prefixes_are_checked():
     with pytest.raises(ValueError, match="matryoshka architectures only"):
         SAEConfig(d_in=16, latents=64, architecture="topk", matryoshka_prefixes=3)
     assert SAEConfig(d_in=16, latents=64, architecture="matryoshka_batchtopk").prefix_ends == (8, 16, 32, 64)
+
+
+def transcoder_data(n=2048, seed=0):
+    """x: sparse sums of directions; y: a fixed linear map of x plus a sparse nonlinear part (ReLU of a few
+    features), so a skip path explains the linear share and the latents the rest."""
+    g = torch.Generator().manual_seed(seed + 100)
+    x = sparse_data(n=n, seed=seed)
+    linear = torch.randn(16, 16, generator=g) / 4
+    y = x @ linear.T + torch.relu(x @ torch.randn(16, 16, generator=g)) @ unit_rows(torch.randn(16, 16, generator=g))
+    return x, y
+
+
+def make_transcoder(arch, skip, target_size=1.0, **kw):
+    x, y = transcoder_data()
+    y = y * target_size
+    sae = SparseAutoencoder(SAEConfig(d_in=16, latents=64, k=4, architecture=arch, transcoder=True, skip=skip, **kw))
+    info = sae.initialize_transcoder(x[:1024], y[:1024], torch.Generator().manual_seed(0))
+    return sae, x, y, info
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+def test_skip_transcoder_matches_dense_reference_values_and_gradients(arch):
+    """ŷ = codes of x (no b_dec subtraction) · unit decoder rows + b_dec + W_skip x; FVU against y; every
+    gradient (W_skip's too) against dense products."""
+    sae, x, y, _ = make_transcoder(arch, skip=True)
+    with torch.no_grad():
+        sae.W_skip.copy_(0.1 * torch.randn(16, 16, generator=torch.Generator().manual_seed(5)))
+    xs, ys = x[:64], y[:64]
+    out = sae(xs, target=ys)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    pre = xs @ sae.W_enc.T + sae.b_enc
+    s = sae.target_scale  # the target is learned as s·y; the prediction comes back divided by s
+    assert float(s) != 1.0
+    if arch == "relu":
+        codes = torch.relu(pre)
+        y_hat = (codes @ sae.W_dec + sae.b_dec + xs @ sae.W_skip.T) / s
+    else:
+        selected = torch.zeros(64, 64).scatter(1, out.latent_indices, out.latent_acts.detach()) != 0
+        codes = torch.where(selected, torch.relu(pre), torch.zeros_like(pre))
+        y_hat = (codes @ unit_rows(sae.W_dec) + sae.b_dec + xs @ sae.W_skip.T) / s
+    fvu = (ys - y_hat).pow(2).sum() / (ys - ys.mean(0)).pow(2).sum()
+    loss = fvu
+    if arch == "relu":
+        rms = ((ys - ys.mean(0)).pow(2).sum() / 64).sqrt() * s
+        loss = fvu + out.sparsity_coefficient * (codes * sae.W_dec.norm(dim=1)).sum(1).mean() / rms
+    loss.backward()
+    torch.testing.assert_close(out.x_hat.detach(), y_hat.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.fvu.detach(), fvu.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("target_size", [1.0, 1e-3])
+def test_transcoder_learns_and_the_skip_path_helps(target_size):
+    """Also with a target 1,000 times smaller than the input (an MLP output next to its normalised input):
+    the target is learned in the input's scale, so Adam's steps fit it (unscaled: FVU 1.5e5 in a job)."""
+    results = {}
+    for skip in (False, True):
+        sae, x, y, info = make_transcoder("topk", skip, target_size=target_size)
+        assert info["encoder_scale"] > 0
+        if target_size != 1.0:  # s = RMS(x) / RMS(y): 1,000 times the unscaled target's
+            unscaled = make_transcoder("topk", skip)[3]["target_scale"]
+            assert info["target_scale"] == pytest.approx(1000 * unscaled, rel=1e-4)
+        opt = torch.optim.Adam(sae.parameters(), lr=5e-3)
+        start = float(sae(x, target=y).fvu.detach())
+        for step in range(100):
+            batch = slice((step * 256) % 2048, (step * 256) % 2048 + 256)
+            out = sae(x[batch], target=y[batch])
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        with torch.no_grad():
+            results[skip] = float(sae.eval()(x, target=y).fvu)
+        assert results[skip] < 0.75 * start, (skip, start, results[skip])
+    assert results[True] < results[False], results
