@@ -1,8 +1,13 @@
 """Trainer throughput against the encoder-matmul roofline, through the job's own DeepSpeed engine, in one process.
 
     python benchmarks/trainer_throughput.py --latents 131072 [--steps 5] [--batch 4096] [--d 576] [--k 32]
-        [--optimizer auto|lazy_adam|adam] [--zero-stage 1] [--architecture topk|batchtopk] [--dead-fraction 0.0]
-        [--device cpu|cuda] [--precision fp32|bf16]
+        [--optimizer auto|lazy_adam|adam] [--zero-stage 1] [--dead-fraction 0.0] [--device cpu|cuda]
+        [--precision fp32|bf16]
+        [--architecture topk|batchtopk|abstopk|matryoshka_topk|matryoshka_batchtopk|transcoder]
+        [--matryoshka-prefixes 4]
+
+`--architecture transcoder` is a TopK skip transcoder (mlp_in -> mlp_out, W_skip [d, d]) fed a random target;
+the Matryoshka kinds use `--matryoshka-prefixes` doubling groups.
 
 The step is built as the Ray Train worker builds it — trainers.worker._build on a JobSpec of one dictionary:
 the optimizer JobSpec.lazy_adam picks (auto: the touched-row lazy Adam for TopK/BatchTopK in fp32, dense Adam
@@ -82,9 +87,17 @@ def adam_step_seconds(shape: tuple[int, int], max_rows: int, device: str = "cpu"
 def job_spec(args: argparse.Namespace):
     from api.jobspec import JobSpec
 
+    dictionary = {"name": "bench", "architecture": args.architecture, "latents": args.latents, "k": args.k,
+                  "initialization": "random", "b_dec_init": "mean", "dead_window_tokens": 10**12}
+    output = {}
+    if args.architecture == "transcoder":  # a TopK skip transcoder: SAELens has no TopK one, sparsify does
+        dictionary.update(architecture="topk", hook={"layer": 1, "site": "mlp_in"},
+                          hook_out={"layer": 1, "site": "mlp_out"}, skip=True)
+        output = {"formats": ["sparsify"]}
+    if args.architecture.startswith("matryoshka_"):
+        dictionary["matryoshka_prefixes"] = args.matryoshka_prefixes
     return JobSpec.model_validate({
-        "dictionaries": [{"name": "bench", "architecture": args.architecture, "latents": args.latents, "k": args.k,
-                          "initialization": "random", "b_dec_init": "mean", "dead_window_tokens": 10**12}],
+        "dictionaries": [dictionary], "output": output,
         "training": {"tokens": args.batch * max(args.steps + 2, 2), "batch_tokens": args.batch,
                      "warmup_steps": 0, "precision": args.precision, "optimizer": args.optimizer},
         "cluster": {"zero_stage": args.zero_stage}})
@@ -97,7 +110,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--d", type=int, default=576)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--architecture", choices=("topk", "batchtopk"), default="topk")
+    parser.add_argument("--architecture", default="topk", choices=(
+        "topk", "batchtopk", "abstopk", "matryoshka_topk", "matryoshka_batchtopk", "transcoder"))
+    parser.add_argument("--matryoshka-prefixes", type=int, default=4, help="doubling groups (matryoshka_*)")
     parser.add_argument("--optimizer", choices=("auto", "lazy_adam", "adam"), default="auto",
                         help="training.optimizer of the job (auto: lazy_adam here)")
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=1, help="cluster.zero_stage")
@@ -134,9 +149,13 @@ def main() -> None:
 
     device = torch.device(args.device)
     x = torch.randn(n, d)
-    dictionary = _build(spec, 0, x[:2048].numpy().astype(np.float32), device, ShardMesh(1, 0, 1))
+    # a transcoder's target: another site's rows, here a fixed random function of x (aligned row for row)
+    y = torch.tanh(x @ torch.randn(d, d) / d**0.5) if args.architecture == "transcoder" else None
+    dictionary = _build(spec, 0, x[:2048].numpy().astype(np.float32), device, ShardMesh(1, 0, 1),
+                        None if y is None else y[:2048].numpy().astype(np.float32))
     engine, sae, tracker = dictionary.engine, dictionary.sae, dictionary.tracker
     x = x.to(device, sae.W_enc.dtype)  # as the worker's _input: the engine's dtype (bf16 under DeepSpeed's bf16)
+    y = None if y is None else y.to(device, sae.W_enc.dtype)
     if args.dead_fraction > 0:  # "dead" latents: the AuxK path runs
         dead = torch.rand(m) < args.dead_fraction
         tracker.tokens_since_fired[dead] = tracker.window_tokens
@@ -152,7 +171,7 @@ def main() -> None:
     def train_step(record: bool) -> float:
         sync()
         t0 = time.perf_counter()
-        out = engine(x, dead_mask=tracker.dead_mask(), progress=0.5)
+        out = engine(x, dead_mask=tracker.dead_mask(), progress=0.5, target=y)
         sync()
         t1 = time.perf_counter()
         engine.backward(out.loss)

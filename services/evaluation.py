@@ -3,8 +3,9 @@
 It holds the whole model (the LM head is needed) — on the GPU(s) Ray gave it, spread over several as a
 producer's blocks are, else on the CPU — and windows of held-out text, and for a dictionary's
 weights reports delta LM loss and CE loss recovered with the reconstruction spliced in at the hooked site
-(zero-ablation baseline). Only real-token positions are replaced: BOS/EOS keep their activations, since the
-dictionary never saw them in training.
+(zero-ablation baseline); a transcoder's prediction, made from its input site in the same forward pass,
+replaces its target site (the MLP's output). Only real-token positions are replaced: BOS/EOS keep their
+activations, since the dictionary never saw them in training.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 from api.jobspec import JobSpec
 from services.data import documents
 from services.model_producer import producer_device
-from services.models import load_language_model, splice
+from services.models import load_language_model, splice, splice_from
 from services.windows import TokenWindows
 from trainers.metrics import splice_metrics
 from trainers.sae import SAEConfig, SparseAutoencoder
@@ -54,8 +55,11 @@ class SpliceEvaluator:
 
         def spliced(replace):
             keep = self.keep[..., None]
-            return splice(self.lm.model, self.spec.hook_of(index),
-                          lambda a: torch.where(keep.to(a.device), replace(a), a))
+            hook, out = self.spec.hook_of(index), self.spec.hook_out_of(index)
+            if out is not None:  # the target site takes the prediction from the input site
+                return splice_from(self.lm.model, hook, out,
+                                   lambda a_in, a: torch.where(keep.to(a.device), replace(a_in).to(a.device), a))
+            return splice(self.lm.model, hook, lambda a: torch.where(keep.to(a.device), replace(a), a))
 
         metrics = splice_metrics(lambda: self.lm.model(input_ids=self.input_ids, use_cache=False).logits,
                                  spliced, reconstruct, self.input_ids)

@@ -1,7 +1,8 @@
 """Loading a causal LM for activation capture, cut at the deepest hooked layer, and capturing hook sites.
 
 Sites follow the usual naming: `resid_pre` is the input of block L, `resid_post` its output, `attn_out` the
-output of its attention module, `mlp_out` the output of its MLP. One forward pass captures every site asked.
+output of its attention module, `mlp_in` the input of its MLP (the normalised residual it reads), `mlp_out`
+its output. One forward pass captures every site asked.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def site_module(model: nn.Module, hook: HookSpec) -> tuple[nn.Module, str]:
         return block, "output"
     if hook.site == "attn_out":
         return _child(block, ("self_attn", "attn", "attention"), hook.site), "output"
-    return _child(block, ("mlp", "feed_forward"), hook.site), "output"
+    return _child(block, ("mlp", "feed_forward"), hook.site), "input" if hook.site == "mlp_in" else "output"
 
 
 def _first(value):
@@ -242,6 +243,14 @@ def splice(model: nn.Module, hook: HookSpec, replace) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def splice_from(model: nn.Module, source: HookSpec, target: HookSpec, replace) -> Iterator[None]:
+    """Within the block, the `target` activation is replaced by replace(source activation, target activation):
+    a transcoder's prediction of a later site (mlp_out) from an earlier one (mlp_in) of the same forward pass."""
+    with capture(model, [source]) as captured, splice(model, target, lambda a: replace(captured[source.name], a)):
+        yield
 
 
 def run_blocks(lm: LanguageModel, input_ids: Tensor) -> None:

@@ -250,7 +250,8 @@ def sparse_code(x: Tensor, tensors: dict[str, Tensor], architecture: str, k: int
     from trainers.kernels import topk_encode
 
     W_enc, b_enc, b_dec = tensors["W_enc"], tensors["b_enc"], tensors["b_dec"]
-    centred = x.to(W_enc.dtype) - b_dec
+    # A transcoder's b_dec is in its output space: its encoder reads x itself (SAELens apply_b_dec_to_input false)
+    centred = x.to(W_enc.dtype) - (0 if "transcoder" in architecture else b_dec)
     if architecture in ("topk", "abstopk"):
         values, indices, _, _ = topk_encode(centred, W_enc.T, b_enc, int(k), chunk=chunk,
                                             signed=architecture == "abstopk")

@@ -1,9 +1,20 @@
 """Hook capture on a tiny random model: the right tensors, one pass for several sites, and the cut model."""
 
+import copy
+
 import torch
 
 from api.jobspec import HookSpec, ModelSpec, RandomModelSpec
-from services.models import capture, cut_config, device_map_for, load_language_model, run_blocks, splice
+from services.models import (
+    capture,
+    cut_config,
+    decoder_layers,
+    device_map_for,
+    load_language_model,
+    run_blocks,
+    splice,
+    splice_from,
+)
 
 SPEC = ModelSpec(random=RandomModelSpec(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, seed=1))
 IDS = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -56,6 +67,34 @@ def test_splice_replaces_the_activation():
         with splice(lm.model, hook, torch.zeros_like):
             ablated = lm.model(IDS).logits
     torch.testing.assert_close(clean, identity)
+    assert not torch.allclose(clean, ablated)
+
+
+def test_mlp_in_is_the_normalised_residual_the_mlp_reads():
+    """mlp_in: the post-attention-norm residual; the MLP applied to it gives mlp_out (one capture pass)."""
+    lm = load_language_model(SPEC)
+    got = _capture(lm, [HookSpec(layer=1, site="mlp_in"), HookSpec(layer=1, site="mlp_out"),
+                        HookSpec(layer=1, site="resid_pre"), HookSpec(layer=1, site="attn_out")])
+    block = decoder_layers(lm.model)[1]
+    assert "blocks.1.ln2.hook_normalized" in got
+    with torch.no_grad():
+        normalised = block.post_attention_layernorm(got["blocks.1.hook_resid_pre"] + got["blocks.1.hook_attn_out"])
+        torch.testing.assert_close(got["blocks.1.ln2.hook_normalized"], normalised)
+        torch.testing.assert_close(block.mlp(got["blocks.1.ln2.hook_normalized"]), got["blocks.1.hook_mlp_out"])
+
+
+def test_splice_from_replaces_the_target_with_a_prediction_from_the_source():
+    """A transcoder's splice: mlp_out replaced by f(mlp_in) of the same pass; f = the MLP itself changes nothing."""
+    lm = load_language_model(SPEC)
+    source, target = HookSpec(layer=1, site="mlp_in"), HookSpec(layer=1, site="mlp_out")
+    mlp = copy.deepcopy(decoder_layers(lm.model)[1].mlp)  # a copy: the hooked module itself would recurse
+    with torch.no_grad():
+        clean = lm.model(IDS).logits
+        with splice_from(lm.model, source, target, lambda a_in, _a: mlp(a_in)):
+            same = lm.model(IDS).logits
+        with splice_from(lm.model, source, target, lambda a_in, a: torch.zeros_like(a)):
+            ablated = lm.model(IDS).logits
+    torch.testing.assert_close(clean, same)
     assert not torch.allclose(clean, ablated)
 
 

@@ -1,5 +1,6 @@
-"""Two whole jobs on the tiny random model: a sweep of three dictionaries (three sites and architectures) from
-one stream that also writes an activation cache to S3 (moto), and a second job that trains from that cache."""
+"""Two whole jobs on the tiny random model: a sweep of six dictionaries (four sites; TopK, BatchTopK, ReLU,
+AbsTopK, Matryoshka BatchTopK and a skip transcoder) from one stream that also writes an activation cache to
+S3 (moto), and a second job that trains from that cache."""
 
 import json
 
@@ -32,7 +33,14 @@ def jobs(s3_server, tmp_path_factory):
             {"name": "attn-batchtopk", "hook": {"layer": 0, "site": "attn_out"}, "architecture": "batchtopk",
              "latents": 96, "k": 4},
             {"name": "mlp-relu", "hook": {"layer": 1, "site": "mlp_out"}, "architecture": "relu", "latents": 64,
-             "lr": 1e-3}],
+             "lr": 1e-3},
+            # the newer kinds (row cap = latents: BatchTopK's inference is then exactly SAELens's JumpReLU)
+            {"name": "resid-abstopk", "architecture": "abstopk", "latents": 64, "k": 4},
+            {"name": "resid-matryoshka", "architecture": "matryoshka_batchtopk", "latents": 64, "k": 4,
+             "matryoshka_prefixes": [16, 32], "batchtopk_row_cap": 64},
+            {"name": "mlp-skip-transcoder", "hook": {"layer": 1, "site": "mlp_in"},
+             "hook_out": {"layer": 1, "site": "mlp_out"}, "skip": True, "architecture": "batchtopk", "latents": 64,
+             "k": 4, "batchtopk_row_cap": 64}],
         "training": {**TRAINING, "tokens": 512 * 12}, "tracking": {"experiment": "streaming"}})
     from_cache = JobSpec.model_validate({
         "name": "from-cache", "model": MODEL, "hook": {"layer": 1, "site": "resid_post"},
@@ -54,9 +62,10 @@ def jobs(s3_server, tmp_path_factory):
     return sweep, first, from_cache, second
 
 
-def test_a_sweep_of_three_dictionaries_gives_three_child_runs_and_three_exports(jobs):
+def test_a_sweep_gives_a_child_run_and_an_export_per_dictionary(jobs):
     sweep, result, _, _ = jobs
-    assert sorted(result.dictionaries) == sorted(result.child_runs) == ["attn-batchtopk", "mlp-relu", "resid-topk"]
+    assert sorted(result.dictionaries) == sorted(result.child_runs) == [
+        "attn-batchtopk", "mlp-relu", "mlp-skip-transcoder", "resid-abstopk", "resid-matryoshka", "resid-topk"]
     client = MlflowClient(tracking_uri=result.mlflow_uri)
     sites = {}
     for name, run_id in result.child_runs.items():
@@ -68,7 +77,9 @@ def test_a_sweep_of_three_dictionaries_gives_three_child_runs_and_three_exports(
         assert cfg["metadata"]["hook_name"] == sweep.hook_of([d.name for d in sweep.dictionaries].index(name)).name
         assert result.dictionaries[name]["tokens"] == sweep.training.tokens
     assert sites == {"resid-topk": ("resid_post", "topk"), "attn-batchtopk": ("attn_out", "batchtopk"),
-                     "mlp-relu": ("mlp_out", "relu")}
+                     "mlp-relu": ("mlp_out", "relu"), "resid-abstopk": ("resid_post", "abstopk"),
+                     "resid-matryoshka": ("resid_post", "matryoshka_batchtopk"),
+                     "mlp-skip-transcoder": ("mlp_in", "batchtopk")}
     parent = client.get_run(result.mlflow_run_id).data.metrics
     assert parent["buffer_consumed_tokens"] >= sweep.training.tokens and "buffer_produced_tokens_per_s" in parent
 
@@ -98,3 +109,37 @@ def test_a_cache_that_does_not_match_is_refused(jobs):
         "random": {**MODEL["random"], "hidden_size": 64}}})
     with pytest.raises(ValueError, match="the job asks for 'random-llama-d64-l2-seed0'"):
         open_cache_for(wider)
+
+
+def test_the_newer_kinds_load_in_saelens_and_reconstruct_the_held_out_rows_as_trained(jobs):
+    """AbsTopK, Matryoshka BatchTopK and a skip transcoder (mlp_in -> mlp_out) trained from the sweep's one
+    stream: each SAELens export loads and, on the held-out rows the job evaluated (kept in its cache), has the
+    FVU the job reported for the trained module; for the transcoder that is its prediction of the live model's
+    MLP output from the MLP's input."""
+    import sae_lens
+    import torch
+
+    sweep, result = jobs[0], jobs[1]
+    held_out = ActivationCache(CACHE).held_out()
+    names = [d.name for d in sweep.dictionaries]
+    kinds = {"resid-abstopk": "abstopk", "resid-matryoshka": "jumprelu",
+             "mlp-skip-transcoder": "jumprelu_skip_transcoder"}
+    for name, kind in kinds.items():
+        index, summary = names.index(name), result.dictionaries[name]
+        cfg = json.loads(open(f"{summary['saelens_uri']}/cfg.json").read())
+        assert cfg["architecture"] == kind, name
+        loaded = sae_lens.SAE.load_from_disk(summary["saelens_uri"])
+        target = sweep.hook_out_of(index) or sweep.hook_of(index)
+        x = torch.from_numpy(held_out[sweep.hook_of(index).name]).float()
+        y = torch.from_numpy(held_out[target.name]).float()
+        with torch.no_grad():
+            fvu = float((y - loaded(x)).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+        assert fvu == pytest.approx(summary["held_out_fvu"], rel=1e-4, abs=1e-6), name
+        assert summary["held_out_fvu"] < 1.0, name
+    assert cfg["metadata"]["hook_name"] == "blocks.1.ln2.hook_normalized"
+    assert cfg["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
+    matryoshka = result.dictionaries["resid-matryoshka"]
+    assert matryoshka["held_out_fvu_prefix_16"] > matryoshka["held_out_fvu_prefix_64"] == pytest.approx(
+        matryoshka["held_out_fvu"])
+    child = MlflowClient(tracking_uri=result.mlflow_uri).get_run(result.child_runs["resid-matryoshka"])
+    assert {"fvu_prefix_16", "l0_prefix_16", "fvu_prefix_32", "l0_prefix_64"} <= set(child.data.metrics)

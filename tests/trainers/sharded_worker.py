@@ -16,13 +16,17 @@ CASES = {"topk": ("topk", slice(None, None, 3)), "batchtopk": ("batchtopk", slic
          "abstopk": ("abstopk", slice(None, None, 3)),
          "matryoshka_topk": ("matryoshka_topk", slice(None, None, 3)),
          "matryoshka_batchtopk": ("matryoshka_batchtopk", slice(None, None, 3)),
+         "skip-transcoder": ("topk", slice(None, None, 3)),
+         "matryoshka-skip-transcoder": ("matryoshka_batchtopk", slice(None, None, 3)),
          "relu": ("relu", slice(None, None, 3)), "jumprelu": ("jumprelu", slice(None, None, 3)),
          "topk-dead-on-one-shard": ("topk", slice(0, 5))}
 
 
 # Matryoshka prefixes 8, 24, 40, 64 of 64: with two shards of 32 the group [24, 40) spans the boundary.
 EXTRA = {"matryoshka_topk": {"matryoshka_prefixes": [8, 24, 40]},
-         "matryoshka_batchtopk": {"matryoshka_prefixes": [8, 24, 40]}}
+         "matryoshka_batchtopk": {"matryoshka_prefixes": [8, 24, 40]},
+         "skip-transcoder": {"transcoder": True, "skip": True},
+         "matryoshka-skip-transcoder": {"transcoder": True, "skip": True, "matryoshka_prefixes": [8, 24, 40]}}
 
 
 def data(dead_latents: slice):
@@ -30,20 +34,27 @@ def data(dead_latents: slice):
     x = torch.randn(N, D, generator=generator) * 2 + 0.5
     dead = torch.zeros(M, dtype=torch.bool)
     dead[dead_latents] = True
-    return x, dead
+    y = x @ torch.randn(D, D, generator=generator) / 4 + torch.relu(x @ torch.randn(D, D, generator=generator))
+    return x, y, dead
 
 
 def run(case: str, mesh: ShardMesh | None) -> dict:
     architecture, dead_latents = CASES[case]
-    x, dead = data(dead_latents)
+    x, y, dead = data(dead_latents)
+    transcoder = EXTRA.get(case, {}).get("transcoder", False)
     cfg = SAEConfig(d_in=D, latents=M, k=K, architecture=architecture, k_aux=8, initialization="random",
                     sparsity_warmup=0.0, **EXTRA.get(case, {}))
     sae = SparseAutoencoder(cfg, mesh=mesh)
-    sae.initialize(x, generator=torch.Generator().manual_seed(1))
+    if transcoder:
+        sae.initialize_transcoder(x, y, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():  # a skip path that is not zero any more
+            sae.W_skip.copy_(0.1 * torch.randn(D, D, generator=torch.Generator().manual_seed(3)))
+    else:
+        sae.initialize(x, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # a trained-looking encoder: not exactly the decoder's transpose
         sae.W_enc.add_(0.3 * torch.randn(M, D, generator=torch.Generator().manual_seed(2))[
             sae.latent_start:sae.latent_stop])
-    out = sae(x, dead_mask=dead[sae.latent_start:sae.latent_stop])
+    out = sae(x, dead_mask=dead[sae.latent_start:sae.latent_stop], target=y if transcoder else None)
     out.loss.backward()
     return {"loss": out.loss.detach(), "fvu": out.fvu.detach(), "auxk": out.auxk_loss.detach(),
             "x_hat": out.x_hat.detach(), "metrics": {name: value.detach() for name, value in out.metrics.items()},
