@@ -1,6 +1,7 @@
-"""Two whole jobs on the tiny random model: a sweep of six dictionaries (four sites; TopK, BatchTopK, ReLU,
-AbsTopK, Matryoshka BatchTopK and a skip transcoder) from one stream that also writes an activation cache to
-S3 (moto), and a second job that trains from that cache."""
+"""Whole jobs on the tiny random model: a sweep of six dictionaries (four sites; TopK, BatchTopK, ReLU, AbsTopK,
+Matryoshka BatchTopK and a skip transcoder) from one stream that also writes an activation cache to S3 (moto),
+a second job that trains from that cache, and a job whose tokens exceed one pass over its corpus, with
+data.epochs 1 (it ends at the last full batch) and 2."""
 
 import json
 
@@ -47,9 +48,19 @@ def jobs(s3_server, tmp_path_factory):
         "data": {"cache": {"read": CACHE, "shuffle_shards": 2}},
         "dictionaries": [{"name": "cached-topk", "expansion_factor": 2, "k": 8}],
         "training": {**TRAINING, "tokens": 512 * 6}, "tracking": {"experiment": "streaming"}})
+    corpus = home / "short.jsonl"  # 2,600 bytes: 2,600 ByT5 tokens plus separators, about 5 steps of 512
+    corpus.write_text("\n".join(json.dumps({"text": f"{i:02d} " + "abcdefghij" * 25 + "k" * (i + 1)})
+                                 for i in range(10)))
+    short = JobSpec.model_validate({
+        "name": "short", "model": MODEL, "hook": {"layer": 1}, "dictionaries": [{"expansion_factor": 2, "k": 8}],
+        "data": {"source": str(corpus), "context_length": 64, "holdout_fraction": 0.0},
+        "training": {**TRAINING, "eval_tokens": 0, "splice_eval_tokens": 0, "tokens": 512 * 8},
+        "analysis": {"enabled": False}, "tracking": {"experiment": "epochs"}})
+    twice = short.model_copy(update={"name": "twice", "data": short.data.model_copy(update={"epochs": 2})})
+    too_much = from_cache.model_copy(update={"training": from_cache.training.model_copy(update={"tokens": 512 * 40})})
     import ray
 
-    # one Ray for both jobs (run_job joins a running Ray and leaves it up): one start-up instead of two
+    # one Ray for all jobs (run_job joins a running Ray and leaves it up): one start-up instead of two
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=512 << 20)
     try:
         with pytest.MonkeyPatch.context() as env:
@@ -57,13 +68,18 @@ def jobs(s3_server, tmp_path_factory):
             env.delenv("MLFLOW_TRACKING_URI", raising=False)
             first = run_job(sweep, quiet=True)
             second = run_job(from_cache, quiet=True)
+            with pytest.raises(ValueError) as refused:
+                run_job(too_much, quiet=True)
+            ended = run_job(short, quiet=True)
+            both = run_job(twice, quiet=True)
     finally:
         ray.shutdown()
-    return sweep, first, from_cache, second
+    epochs = {"short": short, "ended": ended, "both": both, "refused": str(refused.value)}
+    return sweep, first, from_cache, second, epochs
 
 
 def test_a_sweep_gives_a_child_run_and_an_export_per_dictionary(jobs):
-    sweep, result, _, _ = jobs
+    sweep, result, _, _, _ = jobs
     assert sorted(result.dictionaries) == sorted(result.child_runs) == [
         "attn-batchtopk", "mlp-relu", "mlp-skip-transcoder", "resid-abstopk", "resid-matryoshka", "resid-topk"]
     client = MlflowClient(tracking_uri=result.mlflow_uri)
@@ -85,7 +101,7 @@ def test_a_sweep_gives_a_child_run_and_an_export_per_dictionary(jobs):
 
 
 def test_the_sweep_wrote_its_stream_to_an_s3_cache(jobs):
-    sweep, _, _, _ = jobs
+    sweep, _, _, _, _ = jobs
     manifest = ActivationCache(CACHE).manifest
     assert manifest["complete"] and manifest["tokens"] == sweep.training.tokens
     assert [h["name"] for h in manifest["hooks"]] == [h.name for h in sweep.hooks()]
@@ -94,14 +110,14 @@ def test_the_sweep_wrote_its_stream_to_an_s3_cache(jobs):
 
 
 def test_a_second_job_trains_from_the_cache(jobs):
-    _, _, from_cache, result = jobs
+    _, _, from_cache, result, _ = jobs
     summary = result.dictionaries["cached-topk"]
     assert summary["tokens"] == from_cache.training.tokens
     assert summary["held_out_tokens"] == 1024 and summary["held_out_fvu"] < 1.0
 
 
 def test_a_cache_that_does_not_match_is_refused(jobs):
-    _, _, from_cache, _ = jobs
+    _, _, from_cache, _, _ = jobs
     other_site = from_cache.model_copy(update={"hook": from_cache.hook.model_copy(update={"layer": 0})})
     with pytest.raises(ValueError, match=r"holds the sites .* not \['blocks.0.hook_resid_post'\]"):
         open_cache_for(other_site)
@@ -109,6 +125,31 @@ def test_a_cache_that_does_not_match_is_refused(jobs):
         "random": {**MODEL["random"], "hidden_size": 64}}})
     with pytest.raises(ValueError, match="the job asks for 'random-llama-d64-l2-seed0'"):
         open_cache_for(wider)
+
+
+def test_a_job_past_its_one_epoch_ends_at_the_last_full_batch_and_says_so(jobs):
+    short, result = jobs[4]["short"], jobs[4]["ended"]
+    summary = result.dictionaries[short.dictionary_name(0)]
+    assert 512 * 4 <= summary["tokens"] < short.training.tokens and summary["tokens"] % 512 == 0
+    run = MlflowClient(tracking_uri=result.mlflow_uri).get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["saeforge.stream_ended"] == (f"trained {summary['tokens']:,} of {short.training.tokens:,} "
+                                                      "tokens: the corpus ran out after data.epochs = 1")
+    assert run.data.metrics["data_epochs"] == 1 and run.data.params["data.epochs"] == "1"
+    assert run.data.metrics["buffer_epochs"] == 0  # the stream never left its first epoch
+
+
+def test_two_epochs_train_every_token_asked_for(jobs):
+    short, result = jobs[4]["short"], jobs[4]["both"]
+    assert result.dictionaries[short.dictionary_name(0)]["tokens"] == short.training.tokens
+    run = MlflowClient(tracking_uri=result.mlflow_uri).get_run(result.mlflow_run_id)
+    assert "saeforge.stream_ended" not in run.data.tags and run.data.metrics["buffer_epochs"] == 1
+
+
+def test_a_cache_job_asking_for_more_than_its_epochs_is_refused_with_the_numbers(jobs):
+    assert jobs[4]["refused"] == (
+        "training.tokens: the job trains on 20,480 tokens but the corpus holds 6,144 tokens, 6,144 in data.epochs "
+        "= 1; lower training.tokens to at most 6,144 or raise data.epochs to 4")
 
 
 def test_the_newer_kinds_load_in_saelens_and_reconstruct_the_held_out_rows_as_trained(jobs):
@@ -143,3 +184,10 @@ def test_the_newer_kinds_load_in_saelens_and_reconstruct_the_held_out_rows_as_tr
         matryoshka["held_out_fvu"])
     child = MlflowClient(tracking_uri=result.mlflow_uri).get_run(result.child_runs["resid-matryoshka"])
     assert {"fvu_prefix_16", "l0_prefix_16", "fvu_prefix_32", "l0_prefix_64"} <= set(child.data.metrics)
+    from services.compare import compare, format_table
+
+    rows = {r["dictionary"]: r for r in compare(result.mlflow_uri, "streaming", job_id=result.job_id,
+                                                log_to_mlflow=False)["rows"]}
+    assert rows["resid-matryoshka"]["matryoshka_prefixes"] == "16,32,64" and rows["resid-topk"]["site_out"] is None
+    assert (rows["mlp-skip-transcoder"]["site_out"], rows["mlp-skip-transcoder"]["skip"]) == ("mlp_out", True)
+    assert "16,32,64" in format_table(list(rows.values()))
