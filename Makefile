@@ -49,13 +49,15 @@ test: $(VENV)/.installed-dev .tools/bin/helm
 	set -e; for file in $$(grep -rl "mark.slow" tests --include='test_*.py' | sort); do \
 	  echo "== $$file"; $(BIN)/pytest -q -p no:cacheprovider --durations=5 -m slow "$$file"; \
 	done
+	# Last, the image: build the Dockerfile and run the chart's pods from it (as root; ~17 min on a fresh machine).
+	bash .ci/image.sh
 
 # The load test alone (it is part of `make test` too).
 test-load: $(VENV)/.installed-dev
 	$(BIN)/pytest -q -p no:cacheprovider --durations=5 -m load tests/api/test_service_load.py
 
-# The image for real (tests/deploy): builds the Dockerfile on a locally debootstrapped Debian (dockerd started
-# and stopped by the script) and runs the chart's pods from it. Not in `make test`: see README, "The image".
+# The image for real (tests/deploy) alone: builds the Dockerfile on a locally debootstrapped Debian (dockerd
+# started and stopped by the script) and runs the chart's pods from it; also the last step of `make test`.
 test-image: $(VENV)/.installed-dev .tools/bin/helm
 	bash .ci/image.sh
 
