@@ -69,6 +69,9 @@ def compare_rows(client: MlflowClient, experiment: str, job_id: str | None = Non
             "job_id": run_job,
             "dictionary": run.info.run_name or run.info.run_id,
             "architecture": tags.get("architecture"),
+            "matryoshka_prefixes": tags.get("matryoshka_prefixes"),  # "16,32,64" (Matryoshka kinds)
+            "site_out": tags.get("site_out"),  # a transcoder's target site (with skip: "skip" true)
+            "skip": tags.get("skip") == "true" if "skip" in tags else None,
             "model": tags.get("model"),
             "site": tags.get("site"),
             "layer": int(tags["layer"]) if tags.get("layer", "").isdigit() else None,
@@ -179,7 +182,8 @@ def compare(tracking_uri: str, experiment: str, job_id: str | None = None, plot_
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = [("job_id", "job"), ("dictionary", "dictionary"), ("architecture", "arch"), ("latents", "latents"),
+    columns = [("job_id", "job"), ("dictionary", "dictionary"), ("architecture", "arch"),
+               ("matryoshka_prefixes", "prefixes"), ("site_out", "predicts"), ("latents", "latents"),
                ("k", "k"), ("l0", "L0"), ("fvu", "FVU"), ("dead_pct", "dead %"), ("delta_lm_loss", "ΔLM loss"),
                ("tokens_per_s", "tok/s"), ("status", "status"), ("on_frontier", "frontier")]
 

@@ -31,6 +31,7 @@ from services.placement import cluster_nodes, local_cpus, plan, trainers_see_cud
 from services.producer import start_producers
 from services.tracking import JobTracking, flatten, tracking_uri, ui_command
 from storage.uri import filesystem, is_local, join, local_path, pyarrow_filesystem
+from trainers.sae import sae_config_from_spec
 
 LOCAL_OBJECT_STORE_BYTES = 1 << 30
 
@@ -95,9 +96,16 @@ def _connect(spec: JobSpec, quiet: bool) -> bool:
 
 
 def _dictionary_tags(spec: JobSpec, index: int, d_model: int) -> dict[str, str]:
-    d, hook = spec.dictionaries[index], spec.hook_of(index)
-    return {"model": spec.model.label, "site": hook.site, "layer": str(hook.layer), "hook_name": hook.name,
-            "architecture": d.architecture, "latents": str(d.resolved_latents(d_model)), "k": str(d.k)}
+    d, hook, out = spec.dictionaries[index], spec.hook_of(index), spec.hook_out_of(index)
+    latents = d.resolved_latents(d_model)
+    tags = {"model": spec.model.label, "site": hook.site, "layer": str(hook.layer), "hook_name": hook.name,
+            "architecture": d.architecture, "latents": str(latents), "k": str(d.k)}
+    cfg = sae_config_from_spec({**d.model_dump(), "latents": latents}, d_model)
+    if cfg.matryoshka:  # the compare table's kind: prefix sizes, and a transcoder's target site
+        tags["matryoshka_prefixes"] = ",".join(str(end) for end in cfg.prefix_ends)
+    if out is not None:
+        tags.update(site_out=out.site, layer_out=str(out.layer), hook_name_out=out.name, skip=str(d.skip).lower())
+    return tags
 
 
 def checkpoint_storage(output_uri: str) -> str:
