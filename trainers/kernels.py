@@ -10,7 +10,8 @@ Everything else here touches the k selected rows per token:
   tokens.
 - `sparse_decode`: x̂ = Σ_j a_j · W_dec[i_j] / ‖W_dec[i_j]‖ as one embedding_bag with per-sample weights; the
   row norms are computed for the touched rows only, and the backward removes each touched row's parallel
-  gradient component (d(w/‖w‖)/dw = (I − ŵŵᵀ)/‖w‖) on those rows only.
+  gradient component (d(w/‖w‖)/dw = (I − ŵŵᵀ)/‖w‖) on those rows only. `bag_decode` is the same with bags
+  of varying size (Matryoshka's per-group partial decodes).
 
 Both Functions return the weight gradients either dense-shaped (torch.optim.Adam, for exact dense Adam and
 ZeRO-1/2, which flatten gradients) or as sparse COO tensors holding only the touched rows (`sparse_grads=True`,
@@ -92,11 +93,13 @@ def _sort_threads(tensor: Tensor):
         torch.set_num_threads(threads)
 
 
-def rows_weighted_sum(indices: Tensor, weights: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
+def rows_weighted_sum(indices: Tensor, weights: Tensor, source: Tensor, bag_of: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:
     """For every latent m touched by `indices` [N, K]: Σ_{(n, j): indices[n, j] = m} weights[n, j]·source[n].
 
     Returns (rows [U] sorted unique latents, sums [U, d]). One embedding_bag over tokens, one bag per latent:
-    no [N·K, d] intermediate and no dense [M, d] product.
+    no [N·K, d] intermediate and no dense [M, d] product. `bag_of` [E] (indices then [E, 1]): the row of
+    `source` each entry belongs to, for bags of varying size (bag_decode).
     """
     n, kk = indices.shape
     flat = indices.reshape(-1)
@@ -106,7 +109,7 @@ def rows_weighted_sum(indices: Tensor, weights: Tensor, source: Tensor) -> tuple
     rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     offsets = torch.zeros_like(counts)
     offsets[1:] = counts.cumsum(0)[:-1]
-    tokens = torch.div(order, kk, rounding_mode="floor")
+    tokens = torch.div(order, kk, rounding_mode="floor") if bag_of is None else bag_of[order]
     sums = F.embedding_bag(tokens, source, offsets, mode="sum",
                            per_sample_weights=weights.reshape(-1)[order].to(source.dtype))
     return rows, sums
@@ -231,6 +234,53 @@ class _SparseDecode(torch.autograd.Function):
                 sums = (sums - directions * (directions * sums).sum(1, keepdim=True)) / norms[:, None]
             grad_W = _weight_grad(rows, sums, W_dec, ctx.sparse_grads)
         return grad_acts, None, grad_W, None, None
+
+
+class _BagDecode(torch.autograd.Function):
+    """sparse_decode with bags of varying size: entry e (value acts[e], latent indices[e]) adds to row bag_of[e]."""
+
+    @staticmethod
+    def forward(ctx, acts: Tensor, indices: Tensor, bag_of: Tensor, bags: int, W_dec: Tensor, sparse_grads: bool):
+        with _sort_threads(indices):
+            rows, inverse = torch.unique(indices, return_inverse=True)
+        norms = W_dec.index_select(0, rows).norm(dim=1).clamp_min(1e-8)
+        offsets = torch.zeros(bags, dtype=torch.long, device=indices.device)
+        offsets[1:] = torch.bincount(bag_of, minlength=bags).cumsum(0)[:-1]
+        weights = (acts / norms[inverse].to(acts.dtype)).to(W_dec.dtype)
+        out = F.embedding_bag(indices, W_dec, offsets, mode="sum", per_sample_weights=weights)
+        ctx.save_for_backward(acts, indices, bag_of, offsets, W_dec, rows, inverse, norms)
+        ctx.sparse_grads = sparse_grads
+        return out.to(acts.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        acts, indices, bag_of, offsets, W_dec, rows, inverse, norms = ctx.saved_tensors
+        grad = grad_out.to(W_dec.dtype)
+        grad_acts = grad_W = None
+        if ctx.needs_input_grad[0]:
+            try:
+                dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, W_dec, indices, offsets,
+                                                                                 bag_of, 0, -1)
+            except (RuntimeError, AttributeError, NotImplementedError):
+                dots = (W_dec.index_select(0, indices) * grad.index_select(0, bag_of)).sum(dim=1)
+            grad_acts = (dots / norms[inverse]).to(acts.dtype)
+        if ctx.needs_input_grad[4]:
+            directions = W_dec.index_select(0, rows) / norms[:, None]
+            _, sums = rows_weighted_sum(indices[:, None], acts, grad, bag_of=bag_of)
+            sums = (sums - directions * (directions * sums).sum(1, keepdim=True)) / norms[:, None]
+            grad_W = _weight_grad(rows, sums, W_dec, ctx.sparse_grads)
+        return grad_acts, None, None, None, grad_W, None
+
+
+def bag_decode(acts: Tensor, indices: Tensor, bag_of: Tensor, bags: int, W_dec: Tensor, *,
+               sparse_grads: bool = False) -> Tensor:
+    """[bags, d]: row b = Σ_{e: bag_of[e] = b} acts[e] · Ŵ_dec[indices[e]] (Ŵ: unit rows); entries sorted by bag.
+
+    The Matryoshka prefix decode: every code once, in the bag of its (group, token), so splitting the codes
+    over G groups costs one decode's work, not G."""
+    if acts.numel() == 0:
+        return acts.new_zeros(bags, W_dec.shape[1])
+    return _BagDecode.apply(acts, indices, bag_of, int(bags), W_dec, bool(sparse_grads))
 
 
 def _gathered_dots(weight: Tensor, indices: Tensor, grad: Tensor, block: int = 64) -> Tensor:

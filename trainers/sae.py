@@ -18,8 +18,9 @@ Architectures (one shared encoder/decoder core; the piece that differs is the ac
   prefixes [0, m_1) ⊂ [0, m_2) ⊂ … ⊂ [0, M) (`matryoshka_prefixes`: the sizes, or a number of doubling
   groups); each prefix reconstructs x on its own from the codes of its latents, and the loss is the plain
   sum of the prefixes' FVUs (every prefix weighted 1, as in the paper) + AuxK on the whole dictionary. The
-  prefix decodes are one sparse decode of the codes split by group, summed across shards, then a cumulative
-  sum: exact when a prefix ends inside a shard. Exported as TopK / as BatchTopK's JumpReLU form.
+  prefix decodes are one bag decode (each code once, bagged by group and token), a cumulative sum over the
+  groups and a sum across shards: exact when a prefix ends inside a shard, at one decode's cost. Exported as
+  TopK / as BatchTopK's JumpReLU form.
 - Transcoders (`transcoder`, any architecture above; `skip` adds W_skip [d_out, d_in]): the dictionary reads
   one site x (e.g. the MLP's normalised input) and reconstructs another, y (the MLP's output), passed as
   forward(x, target=y): the encoder sees x itself (b_dec lives in the output space, as SAELens/sparsify do),
@@ -61,7 +62,7 @@ from trainers.init import (
     subspace_unit_rows,
     unit_mean_square_factor,
 )
-from trainers.kernels import jumprelu, sparse_decode, step, topk_encode
+from trainers.kernels import bag_decode, jumprelu, sparse_decode, step, topk_encode
 from trainers.parallel import ShardMesh
 
 ARCHITECTURES = ("topk", "batchtopk", "abstopk", "matryoshka_topk", "matryoshka_batchtopk", "jumprelu", "relu")
@@ -456,17 +457,20 @@ class SparseAutoencoder(nn.Module):
                         ) -> tuple[Tensor, Tensor]:
         """Matryoshka: (x̂ of the whole dictionary, FVU of every prefix [G]); per-prefix FVU and L0 into `metrics`.
 
-        Group g holds latents [m_(g-1), m_g). One sparse decode of G·N rows (row g·N + n: token n's codes of
-        group g only) gives every group's partial decode; accumulated over groups and summed across shards,
-        row p is prefix p's reconstruction. One autograd node, so one gradient per weight.
+        Group g holds latents [m_(g-1), m_g). One bag decode (every nonzero code once, in bag g·N + n: token n's
+        codes of group g) gives every group's partial decode at one decode's cost; accumulated over groups and
+        summed across shards, row p is prefix p's reconstruction. One autograd node, so one gradient per weight.
         """
         ends = self.cfg.prefix_ends
         boundaries = torch.tensor(ends, device=indices.device)
         group = torch.bucketize(indices + self.latent_start, boundaries, right=True)  # [N, k'] in 0..G-1
         groups = torch.arange(len(ends), device=indices.device)[:, None, None]
         n, d = y.shape
-        split = (acts[None] * (group[None] == groups)).reshape(len(ends) * n, -1)
-        partial = sparse_decode(split, indices.repeat(len(ends), 1), self.W_dec, sparse_grads=self.cfg.sparse_grads)
+        token, slot = torch.nonzero(acts.detach(), as_tuple=True)
+        bag, order = torch.sort(group[token, slot] * n + token, stable=True)
+        token, slot = token[order], slot[order]
+        partial = bag_decode(acts[token, slot], indices[token, slot], bag, len(ends) * n, self.W_dec,
+                             sparse_grads=self.cfg.sparse_grads)
         prefix_hat = self._decode_sum(partial.view(len(ends), n, d).cumsum(0), x)  # b_dec (and skip) once
         prefix_fvu = (y[None] - prefix_hat).pow(2).sum(dim=(1, 2)) / variance_denominator(y)
         with torch.no_grad():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainers.kernels import jumprelu, sparse_decode, step, topk_blockwise, topk_encode
+from trainers.kernels import bag_decode, jumprelu, sparse_decode, step, topk_blockwise, topk_encode
 
 
 def dense_topk(x, W, b, k):
@@ -107,6 +107,28 @@ def test_topk_encode_gradcheck_float64():
         return acts, aux
 
     assert torch.autograd.gradcheck(f, (x, W, b), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparse_grads", [False, True])
+def test_bag_decode_matches_dense(sparse_grads):
+    """Bags of varying size (some empty), entries sorted by bag: values and gradients as dense products."""
+    torch.manual_seed(7)
+    W = (torch.randn(30, 6) * 3).requires_grad_(True)
+    bag = torch.sort(torch.randint(0, 9, (25,))).values  # 9 bags, some empty
+    idx = torch.randint(0, 30, (25,))
+    acts = torch.randn(25, requires_grad=True)
+    out = bag_decode(acts, idx, bag, 10, W, sparse_grads=sparse_grads)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    got_a, got_W = acts.grad.clone(), (W.grad.to_dense() if W.grad.is_sparse else W.grad).clone()
+    assert W.grad.is_sparse == sparse_grads
+    acts.grad = W.grad = None
+    dense = torch.zeros(10, 30).index_put_((bag, idx), acts, accumulate=True)
+    ref = dense @ (W / W.norm(dim=1, keepdim=True))
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_a, acts.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_W, W.grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("normalize", [True, False])

@@ -257,17 +257,21 @@ def test_exports_load_in_saelens(tmp_path):
         assert torch.allclose(theirs, ours, atol=1e-4), arch
 
 
-@pytest.mark.parametrize("arch", ["matryoshka_topk", "matryoshka_batchtopk"])
-def test_matryoshka_loss_is_the_sum_of_the_prefix_losses_dense_reference(arch):
+@pytest.mark.parametrize("arch,sparse_grads", [("matryoshka_topk", False), ("matryoshka_batchtopk", False),
+                                               ("matryoshka_topk", True)])
+def test_matryoshka_loss_is_the_sum_of_the_prefix_losses_dense_reference(arch, sparse_grads):
     """Prefixes 8, 24, 40 and 64 of 64 latents: the loss is Σ_p FVU_p, each prefix decoding the codes of its
-    own latents; values, per-prefix metrics and every gradient against dense products."""
-    sae, x, _ = make(arch, matryoshka_prefixes=[8, 24, 40], encoder_chunk=24)
+    own latents; values, per-prefix metrics and every gradient against dense products (also as the row-sparse
+    gradients the job's lazy Adam takes)."""
+    sae, x, _ = make(arch, matryoshka_prefixes=[8, 24, 40], encoder_chunk=24, sparse_grads=sparse_grads)
     assert sae.cfg.prefix_ends == (8, 24, 40, 64)
     xs = x[:64]
     out = sae(xs)
     out.loss.backward()
-    got = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    got = {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for n, p in sae.named_parameters()}
+    assert sae.W_dec.grad.is_sparse == sparse_grads
     sae.zero_grad()
+    sae.W_enc.grad = sae.W_dec.grad = None
 
     codes = torch.zeros(64, 64).scatter(1, out.latent_indices, out.latent_acts.detach())
     pre = (xs - sae.b_dec) @ sae.W_enc.T + sae.b_enc  # the values again, through dense products
