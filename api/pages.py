@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, quote, urlencode
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -261,12 +261,20 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 router = APIRouter()
 
 
+def _authenticated(request: Request) -> str:
+    """The caller's owner. A dependency, as the app's own routes have it: a request without a valid token gets
+    401 before its path and query are validated, so an anonymous caller learns nothing from a 422."""
+    return _service(request).auth(request)
+
+
+Caller = Annotated[str, Depends(_authenticated)]
+
+
 @router.get("/v1/jobs/{job_id}/analysis", response_model=AnalysisView, tags=["analysis"],
             summary="the job's analysed dictionaries and their manifests", responses=_errors(401, 403, 404))
-def get_analysis(request: Request, job_id: JobId) -> AnalysisView:
+def get_analysis(request: Request, owner: Caller, job_id: JobId) -> AnalysisView:
     from storage.analysis import analysis_uri, list_analyses, read_manifest
 
-    owner = _service(request).auth(request)
     _, output = _job_output(request, job_id, owner)
     names = list_analyses(output)
     return AnalysisView(job_id=job_id, dictionaries={n: read_manifest(analysis_uri(output, n)) or {} for n in names},
@@ -276,7 +284,7 @@ def get_analysis(request: Request, job_id: JobId) -> AnalysisView:
 @router.post("/v1/jobs/{job_id}/analyze", status_code=202, response_model=AnalysisView, tags=["analysis"],
              summary="analyse a finished job's dictionaries again (a Ray job: `saeforge analyze`)",
              responses=_errors(401, 403, 404, 409, 503))
-def analyze(request: Request, job_id: JobId,
+def analyze(request: Request, owner: Caller, job_id: JobId,
             tokens: Annotated[int | None, Query(ge=1, le=10**10, description="held-out tokens (default: the "
                                                                            "job's analysis.tokens)")] = None
             ) -> AnalysisView:
@@ -284,7 +292,6 @@ def analyze(request: Request, job_id: JobId,
     from storage.analysis import list_analyses
 
     service = _service(request)
-    owner = service.auth(request)
     job, output = _job_output(request, job_id, owner)
     if job.state != "succeeded":
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id!r} is {job.state}: only a succeeded job's "
@@ -313,14 +320,13 @@ def analyze(request: Request, job_id: JobId,
 @router.get("/v1/jobs/{job_id}/dictionaries/{name}/latents", response_model=LatentList, tags=["analysis"],
             summary="a dictionary's latents: paged, sorted, filtered (dead/dense, a token in examples or logits)",
             responses=_errors(401, 403, 404))
-def get_latents(request: Request, job_id: JobId, name: Name,
+def get_latents(request: Request, owner: Caller, job_id: JobId, name: Name,
                 sort: SortKey = "frequency", order: Literal["asc", "desc"] = "desc", kind: Filter = "all",
                 q: Annotated[str | None, Query(max_length=100, description="a token (case-insensitive substring) "
                                                                          "in the latent's top examples or "
                                                                          "promoted logits")] = None,
                 limit: Annotated[int, Query(ge=1, le=500)] = PAGE_SIZE,
                 offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> LatentList:
-    owner = _service(request).auth(request)
     _, entry = _analysis(request, job_id, name, owner)
     total, rows = list_latents(entry, sort, order, kind, q, limit, offset)
     m = entry["manifest"]
@@ -331,10 +337,9 @@ def get_latents(request: Request, job_id: JobId, name: Name,
 @router.get("/v1/jobs/{job_id}/dictionaries/{name}/latents/{index}", response_model=LatentDetail,
             tags=["analysis"], summary="one latent: statistics, examples, histogram, logit effects, neighbours",
             responses=_errors(401, 403, 404))
-def get_latent(request: Request, job_id: JobId, name: Name, index: Index) -> LatentDetail:
+def get_latent(request: Request, owner: Caller, job_id: JobId, name: Name, index: Index) -> LatentDetail:
     from storage.analysis import analysis_uri
 
-    owner = _service(request).auth(request)
     job, entry = _analysis(request, job_id, name, owner)
     uri = analysis_uri(_job_output(request, job_id, owner)[1], name)
     detail = latent_detail(uri, entry, index)

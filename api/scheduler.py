@@ -58,8 +58,9 @@ class Scheduler:
 
     # --- the loop -------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="saeforge-scheduler", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._loop, name="saeforge-scheduler", daemon=True)
+        thread.start()
+        self._thread = thread  # only a started thread: stop() may come from another thread at any moment
 
     def stop(self) -> None:
         self._stop.set()
