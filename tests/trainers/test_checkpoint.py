@@ -19,12 +19,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path: Path, mode: str, world: int, shards: int, stage: int, checkpoint: Path) -> dict:
-    out, port = tmp_path / f"{mode}-{world}x{shards}-z{stage}.pt", _free_port()
+def _run(tmp_path: Path, mode: str, world: int, shards: int, stage: int, checkpoint: Path, kind: str = "topk"
+         ) -> dict:
+    out, port = tmp_path / f"{kind}-{mode}-{world}x{shards}-z{stage}.pt", _free_port()
     ranks = [subprocess.Popen([sys.executable, str(WORKER), str(rank), str(world), str(shards), str(stage),
-                               str(port), mode, str(checkpoint), str(out)]) for rank in range(world)]
+                               str(port), mode, str(checkpoint), str(out), kind]) for rank in range(world)]
     codes = [process.wait(timeout=300) for process in ranks]
-    assert codes == [0] * world, f"{mode} on {world} ranks / {shards} shards / ZeRO-{stage} failed: {codes}"
+    assert codes == [0] * world, f"{kind} {mode} on {world} ranks / {shards} shards / ZeRO-{stage} failed: {codes}"
     return torch.load(out)
 
 
@@ -71,3 +72,20 @@ def test_zero1_state_across_replicas_round_trips(tmp_path):
     assert (tmp_path / "zero1" / "shard-0-of-1.pt").is_file()
     _assert_same_training(_run(tmp_path, "resume", 2, 1, 1, tmp_path / "zero1"), straight, exact=True)
     _assert_same_training(_run(tmp_path, "resume", 1, 1, 0, tmp_path / "zero1"), straight, exact=False)
+
+
+# What each kind adds to the state a resume must restore (beyond W_enc, b_enc, W_dec, b_dec).
+KIND_STATE = {"abstopk": (), "matryoshka_batchtopk": ("threshold",), "skip_transcoder": ("W_skip", "target_scale")}
+
+
+@pytest.mark.parametrize("kind", list(KIND_STATE))
+def test_resume_of_each_kind_on_two_shards_is_exact(kind, tmp_path):
+    """AbsTopK, Matryoshka BatchTopK (a prefix across the shard boundary) and a skip transcoder resume from a
+    mid-training checkpoint to the straight run's parameters and buffers, bit for bit: W_skip, BatchTopK's θ
+    and the transcoder's target scale included."""
+    straight = _run(tmp_path, "straight", 2, 2, 0, tmp_path / kind, kind)
+    for name in KIND_STATE[kind]:  # each trained or set away from its initial value, so comparing it can fail
+        assert name in straight["state"], f"{kind}: {name} missing from the state"
+        assert straight["state"][name].abs().sum() > 0 and not torch.equal(straight["state"][name],
+                                                                          torch.ones_like(straight["state"][name]))
+    _assert_same_training(_run(tmp_path, "resume", 2, 2, 0, tmp_path / kind, kind), straight, exact=True)
