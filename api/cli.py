@@ -22,6 +22,8 @@ def _progress_printer():
                               dynamic_ncols=True)
             bar["phase"] = phase
         b = bar["bar"]
+        if b.total != progress.tokens_total:  # the analysis' slice ended before analysis.tokens
+            b.total = progress.tokens_total
         b.update(progress.tokens_done - b.n)
         if phase != "training":
             b.refresh()
@@ -158,6 +160,7 @@ def command_analyze(args: argparse.Namespace) -> int:
 
         if "bar" not in bar:
             bar["bar"] = tqdm(total=total, unit="tok", unit_scale=True, desc="analysis", dynamic_ncols=True)
+        bar["bar"].total = total  # the held-out slice may end before --tokens
         bar["bar"].update(done - bar["bar"].n)
 
     try:

@@ -136,6 +136,8 @@ def analyze_job(spec: JobSpec, output_uri: str, names: list[str] | None = None,
         done += stacked.size
         if on_progress is not None:
             on_progress(done, planned)
+    if on_progress is not None and 0 < done < planned:  # the held-out documents ended first: that is all of it
+        on_progress(done, done)
     if not all_tokens:
         raise ValueError("analysis: the held-out documents fill no context window; use more data or a larger "
                          "data.holdout_fraction")

@@ -30,6 +30,8 @@ def test_job_reports_progress_and_a_good_dictionary(tiny_job):
     training = [p for p in seen if p.phase == "training"]  # the analysis stage reports its own phase after it
     assert training and training[-1].tokens_done == spec.training.tokens == training[-1].tokens_total
     assert seen[-1].phase == "analysis" and seen[-1].tokens_done > 0
+    # the held-out slice is shorter than analysis.tokens (1M): the stage's last report completes its bar there
+    assert seen[-1].tokens_done == seen[-1].tokens_total < spec.analysis.tokens
     (name, summary), = result.dictionaries.items()
     assert name == "tiny-topk"
     assert summary["tokens"] == spec.training.tokens
