@@ -1,6 +1,7 @@
 """A trainer worker killed mid-job: Ray Train restarts the group, the worker resumes from the last checkpoint
 and the job finishes with the same token count as a straight run."""
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -62,6 +63,10 @@ def test_killed_trainer_worker_resumes_from_checkpoint(repo_root, tmp_path, monk
     resumed_at = [int(m.value) for m in history]
     assert resumed_at and all(step > 0 and step % 50 == 0 for step in resumed_at), resumed_at
     assert summary["held_out_fvu"] < 0.5
-    kept = [p for p in checkpoints.glob("checkpoint_*") if p.is_dir()]
-    assert 1 <= len(kept) <= spec.training.keep_checkpoints
+    # Ray Train keeps keep_checkpoints of the checkpoints it registered. A checkpoint the killed worker wrote but
+    # never reported stays on disk unregistered (Ray does not prune what it never saw): at most that one more.
+    registered = {r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]}
+    kept = {p.name for p in checkpoints.glob("checkpoint_*") if p.is_dir()}
+    assert 1 <= len(registered) <= spec.training.keep_checkpoints and registered <= kept
+    assert len(kept - registered) <= 1, sorted(kept - registered)
     assert Path(result.output_uri, "dictionaries", "tiny-topk", "cfg.json").is_file()
