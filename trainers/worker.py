@@ -204,10 +204,11 @@ def train_worker(config: dict) -> None:
         if more is None:
             break
         first.append(more)
-    dictionaries = [_build(spec, i, _sample(first, spec.hook_of(i).name, spec.training.init_tokens), device, mesh,
-                           None if _target_name(spec, i) is None else
-                           _sample(first, _target_name(spec, i), spec.training.init_tokens))
-                    for i in range(len(spec.dictionaries))]
+    dictionaries = []
+    for i in range(len(spec.dictionaries)):
+        target, init_tokens = _target_name(spec, i), spec.training.init_tokens
+        dictionaries.append(_build(spec, i, _sample(first, spec.hook_of(i).name, init_tokens), device, mesh,
+                                   None if target is None else _sample(first, target, init_tokens)))
     if rank == 0:
         for d in dictionaries:
             monitor.report.remote(d.name, 0, 0, {f"init_{k}": float(v) for k, v in d.init_info.items()})
