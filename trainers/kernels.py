@@ -79,9 +79,7 @@ def _select(pre: Tensor, k: int, signed: bool, magnitudes: Tensor | None) -> tup
 @contextmanager
 def _sort_threads(tensor: Tensor):
     """Sort on one thread on CPU: torch 2.13's parallel CPU sort of ~10⁵ int64 keys took 110 ms on 2 busy
-    cores against 3 ms on one (measured), and these sorts sit on every step's critical path. The lazy Adam's
-    row gathers (trainers/optim.py) run under it too: thousands of small memory-bound ops, each a parallel
-    region that waits for busy threads (80,000 rows × 576: 0.8 s on one thread, 4.1 s on two, loaded box)."""
+    cores against 3 ms on one (measured), and these sorts sit on every step's critical path."""
     if tensor.device.type != "cpu" or torch.get_num_threads() == 1:
         yield
         return
@@ -95,24 +93,45 @@ def _sort_threads(tensor: Tensor):
 
 def rows_weighted_sum(indices: Tensor, weights: Tensor, source: Tensor, bag_of: Tensor | None = None
                       ) -> tuple[Tensor, Tensor]:
-    """For every latent m touched by `indices` [N, K]: Σ_{(n, j): indices[n, j] = m} weights[n, j]·source[n].
+    """For every latent m with a nonzero weight in `indices` [N, K]:
+    Σ_{(n, j): indices[n, j] = m} weights[n, j]·source[n].
 
     Returns (rows [U] sorted unique latents, sums [U, d]). One embedding_bag over tokens, one bag per latent:
     no [N·K, d] intermediate and no dense [M, d] product. `bag_of` [E] (indices then [E, 1]): the row of
     `source` each entry belongs to, for bags of varying size (bag_decode).
+
+    Entries of weight zero are left out, so a latent whose every entry is zero is not a row of the result: a
+    candidate that the global selection across shards, BatchTopK's threshold or the ReLU set to zero is not
+    touched, and the touched-row optimizer leaves it alone, the same on any number of latent shards.
     """
-    n, kk = indices.shape
-    flat = indices.reshape(-1)
+    kk = indices.shape[1]
+    flat_weights = weights.reshape(-1)
+    entries = flat_weights.nonzero().squeeze(1)
+    flat = indices.reshape(-1)[entries]
     with _sort_threads(flat):
         order = torch.argsort(flat)
-    sorted_rows = flat[order]
-    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    entries = entries[order]
+    rows, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    if rows.numel() == 0:
+        return rows, source.new_zeros(0, source.shape[1])
     offsets = torch.zeros_like(counts)
     offsets[1:] = counts.cumsum(0)[:-1]
-    tokens = torch.div(order, kk, rounding_mode="floor") if bag_of is None else bag_of[order]
+    tokens = torch.div(entries, kk, rounding_mode="floor") if bag_of is None else bag_of[entries]
     sums = F.embedding_bag(tokens, source, offsets, mode="sum",
-                           per_sample_weights=weights.reshape(-1)[order].to(source.dtype))
+                           per_sample_weights=flat_weights[entries].to(source.dtype))
     return rows, sums
+
+
+def _unit_rows_grad(W_dec: Tensor, rows: Tensor, norms: Tensor, sums: Tensor) -> Tensor:
+    """The gradient of W_dec[rows] through the unit rows ŵ = w/‖w‖, from `sums` = ∂L/∂ŵ / ‖w‖ (the decode's
+    per-row sums with weights a/‖w‖): (I − ŵŵᵀ)·sums = sums − w·(w·sums)/‖w‖², written into `sums`.
+
+    In place, with batched dots: each fresh [rows, d] tensor costs its page faults on CPU, and the
+    out-of-place form (four temporaries) took 0.4 s of a 131,072-latent step's backward against 45 ms
+    for this (measured)."""
+    w = W_dec.index_select(0, rows)
+    dots = torch.bmm(w.unsqueeze(1), sums.unsqueeze(2)).view(-1)
+    return sums.addcmul_(w, (dots / norms.square()).neg_().unsqueeze(1))
 
 
 def _weight_grad(rows: Tensor, values: Tensor, like: Tensor, sparse: bool) -> Tensor:
@@ -205,34 +224,33 @@ class _SparseDecode(torch.autograd.Function):
             rows, inverse = torch.unique(indices, return_inverse=True)
         if normalize:
             norms = W_dec.index_select(0, rows).norm(dim=1).clamp_min(1e-8)
-            weights = acts / norms[inverse].to(acts.dtype)
+            weights = (acts / norms[inverse].to(acts.dtype)).to(W_dec.dtype)
         else:
             norms = None
-            weights = acts
-        out = F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=weights.to(W_dec.dtype))
-        ctx.save_for_backward(acts, indices, W_dec, rows, inverse, norms)
+            weights = acts.to(W_dec.dtype)
+        out = F.embedding_bag(indices, W_dec, mode="sum", per_sample_weights=weights)
+        ctx.save_for_backward(weights, indices, W_dec, rows, inverse, norms)
         ctx.normalize = normalize
         ctx.sparse_grads = sparse_grads
         return out.to(acts.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        acts, indices, W_dec, rows, inverse, norms = ctx.saved_tensors
-        directions = W_dec.index_select(0, rows)  # [U, d]: the touched rows only
-        if ctx.normalize:
-            directions = directions / norms[:, None]
+        weights, indices, W_dec, rows, inverse, norms = ctx.saved_tensors
+        grad = grad_out.to(W_dec.dtype)
         grad_acts = grad_W = None
         if ctx.needs_input_grad[0]:
             # (W_dec[i]·g_n) / ‖W_dec[i]‖ for every selected (n, i), without gathering [N, K, d] rows.
-            grad_acts = _gathered_dots(W_dec, indices, grad_out.to(W_dec.dtype))
+            grad_acts = _gathered_dots(W_dec, indices, grad)
             if ctx.normalize:
                 grad_acts = grad_acts / norms[inverse]
-            grad_acts = grad_acts.to(acts.dtype)
+            grad_acts = grad_acts.to(grad_out.dtype)
         if ctx.needs_input_grad[2]:
-            _, sums = rows_weighted_sum(indices, acts, grad_out.to(W_dec.dtype))  # same sorted rows as `rows`
+            # Σ (a / ‖w‖)·g per row with a nonzero code (a subset of `rows`), then the projection in place
+            grad_rows, sums = rows_weighted_sum(indices, weights, grad)
             if ctx.normalize:
-                sums = (sums - directions * (directions * sums).sum(1, keepdim=True)) / norms[:, None]
-            grad_W = _weight_grad(rows, sums, W_dec, ctx.sparse_grads)
+                sums = _unit_rows_grad(W_dec, grad_rows, norms[torch.searchsorted(rows, grad_rows)], sums)
+            grad_W = _weight_grad(grad_rows, sums, W_dec, ctx.sparse_grads)
         return grad_acts, None, grad_W, None, None
 
 
@@ -248,23 +266,22 @@ class _BagDecode(torch.autograd.Function):
         offsets[1:] = torch.bincount(bag_of, minlength=bags).cumsum(0)[:-1]
         weights = (acts / norms[inverse].to(acts.dtype)).to(W_dec.dtype)
         out = F.embedding_bag(indices, W_dec, offsets, mode="sum", per_sample_weights=weights)
-        ctx.save_for_backward(acts, indices, bag_of, offsets, W_dec, rows, inverse, norms)
+        ctx.save_for_backward(weights, indices, bag_of, offsets, W_dec, rows, inverse, norms)
         ctx.sparse_grads = sparse_grads
         return out.to(acts.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        acts, indices, bag_of, offsets, W_dec, rows, inverse, norms = ctx.saved_tensors
+        weights, indices, bag_of, offsets, W_dec, rows, inverse, norms = ctx.saved_tensors
         grad = grad_out.to(W_dec.dtype)
         grad_acts = grad_W = None
         if ctx.needs_input_grad[0]:
             dots = _bag_dots(W_dec, indices, offsets, bag_of, grad)
-            grad_acts = (dots / norms[inverse]).to(acts.dtype)
+            grad_acts = (dots / norms[inverse]).to(grad_out.dtype)
         if ctx.needs_input_grad[4]:
-            directions = W_dec.index_select(0, rows) / norms[:, None]
-            _, sums = rows_weighted_sum(indices[:, None], acts, grad, bag_of=bag_of)
-            sums = (sums - directions * (directions * sums).sum(1, keepdim=True)) / norms[:, None]
-            grad_W = _weight_grad(rows, sums, W_dec, ctx.sparse_grads)
+            grad_rows, sums = rows_weighted_sum(indices[:, None], weights, grad, bag_of=bag_of)
+            sums = _unit_rows_grad(W_dec, grad_rows, norms[torch.searchsorted(rows, grad_rows)], sums)
+            grad_W = _weight_grad(grad_rows, sums, W_dec, ctx.sparse_grads)
         return grad_acts, None, None, None, grad_W, None
 
 

@@ -5,7 +5,7 @@ Every rank trains dictionaries through real DeepSpeed engines built by trainers.
 row-sparse gradients (RowSparseAdam as the client optimizer) and records, after every optimizer step, its
 parameters and a reference's. The references train the same dictionary with dense gradients on the mean of
 every replica's batch: torch.optim.Adam when every row is touched on every step (k = latents), and a reference
-lazy Adam written out here (Adam on the rows some replica selected, bias correction by the global step)
+lazy Adam written out here (Adam on the rows some replica gave a nonzero code, bias correction by the global step)
 when rows are touched intermittently. On one rank the worker also checkpoints mid-training and resumes."""
 
 import os
@@ -48,7 +48,7 @@ def reference(case: str, replicas: int) -> tuple[list[dict], list[torch.Tensor]]
         for replica in range(replicas):
             out = sae(batch(step, replica))
             (out.loss / replicas).backward()
-            touched[out.latent_indices.reshape(-1)] = True
+            touched[out.latent_indices[out.latent_acts != 0]] = True  # a zero code touches nothing
         touched_rows.append(touched)
         lr = LR * schedule(step)
         if case == "every-row":

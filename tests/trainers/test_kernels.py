@@ -167,6 +167,31 @@ def test_sparse_decode_gradient_is_orthogonal_to_rows_and_sparse_mode_agrees():
     assert bool((dense_grad[untouched] == 0).all())
 
 
+def test_zero_codes_are_not_rows_of_the_sparse_gradients():
+    """A candidate whose code is zero (masked by the global selection, BatchTopK's threshold or the ReLU) is
+    not touched: the row-sparse gradients of W_enc and W_dec leave it out, and the values equal the dense ones."""
+    torch.manual_seed(9)
+    x, W_enc, W_dec = torch.randn(6, 5), torch.randn(40, 5, requires_grad=True), torch.randn(40, 5, requires_grad=True)
+    b = torch.zeros(40, requires_grad=True)
+    grads = {}
+    for sparse_grads in (False, True):
+        W_enc.grad = W_dec.grad = None
+        acts, idx, _, _ = topk_encode(x, W_enc, b, 4, sparse_grads=sparse_grads)
+        keep = torch.zeros_like(acts, dtype=torch.bool)
+        keep[:, :2] = True  # half the candidates masked, as the selection across shards does
+        acts = acts * keep
+        sparse_decode(acts, idx, W_dec, sparse_grads=sparse_grads).pow(2).sum().backward()
+        grads[sparse_grads] = (W_enc.grad, W_dec.grad)
+    nonzero = torch.zeros(40, dtype=torch.bool)
+    nonzero[idx[acts.detach() != 0]] = True
+    for sparse, dense in zip(grads[True], grads[False], strict=True):
+        assert sparse.is_sparse
+        rows = torch.zeros(40, dtype=torch.bool)
+        rows[sparse.coalesce().indices()[0]] = True
+        assert torch.equal(rows, nonzero)
+        torch.testing.assert_close(sparse.to_dense(), dense)
+
+
 def test_sparse_decode_gradcheck_float64():
     torch.manual_seed(7)
     W = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
