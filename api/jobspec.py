@@ -314,6 +314,9 @@ class TrainingSpec(Strict):
     gradient_accumulation_steps: Annotated[int, Field(ge=1, le=65_536)] = Field(
         1, description="batches whose gradients add up into one optimizer step (a larger effective batch in the "
                        "memory of one); steps, warm-up and checkpoint intervals still count batches")
+    grad_clip_norm: Annotated[float, Field(ge=0, le=1e6)] = Field(
+        1.0, description="a step whose gradient norm (global: over every latent shard) is above this is scaled down "
+                         "to it; 0: no clipping")
     optimizer: Literal["auto", "lazy_adam", "adam"] = Field(
         "auto", description="lazy_adam: the touched-row Adam of TopK/BatchTopK dictionaries (a row's moments move "
                             "only on steps that select it; O(touched rows) per step); adam: exact dense Adam; "

@@ -30,7 +30,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def deepspeed_config(zero_stage: int, bf16: bool, gradient_accumulation_steps: int = 1,
-                     offload_optimizer: bool = False, pin_memory: bool = False) -> dict:
+                     offload_optimizer: bool = False, pin_memory: bool = False, gradient_clipping: float = 1.0) -> dict:
     zero: dict = {"stage": zero_stage}
     if offload_optimizer:
         # ZeRO-Offload: fp32 master weights and Adam's moments (3/4 of a dictionary's training state) live in host
@@ -43,6 +43,8 @@ def deepspeed_config(zero_stage: int, bf16: bool, gradient_accumulation_steps: i
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
+        # Set always: DeepSpeed's default is 1.0, a clip nobody asked for. 0 where the client optimizer clips.
+        "gradient_clipping": gradient_clipping,
         "zero_allow_untested_optimizer": True,  # torch's Adam: no C++ extension build needed on CPU
         # Offload with torch's (fused, CPU) Adam rather than DeepSpeedCPUAdam, which is a C++ extension to build.
         "zero_force_ds_cpu_optimizer": False,
@@ -66,9 +68,13 @@ def lr_lambda(total_steps: int, warmup_steps: int, decay_fraction: float = 0.2):
 
 
 def build_engine(model: nn.Module, lr: float, total_steps: int, warmup_steps: int, zero_stage: int, bf16: bool,
-                 mpu=None, gradient_accumulation_steps: int = 1, offload_optimizer: bool = False):
+                 mpu=None, gradient_accumulation_steps: int = 1, offload_optimizer: bool = False,
+                 grad_clip_norm: float = 1.0):
     """deepspeed.initialize with our client optimizer and schedule; returns the engine. `total_steps` and
-    `warmup_steps` count optimizer steps (micro-steps / gradient_accumulation_steps).
+    `warmup_steps` count optimizer steps (micro-steps / gradient_accumulation_steps). `grad_clip_norm`: the
+    global gradient norm a step is scaled down to (0: no clipping); RowSparseAdam clips itself, without a pass
+    of its own, dense Adam through DeepSpeed's gradient_clipping. Per-latent parameters carry `model_parallel`
+    (trainers/sae.py), so both add their norms over the latent shards.
 
     The optimizer follows the model: a dictionary built with `cfg.sparse_grads` (row-sparse W_enc/W_dec
     gradients; the job decides with JobSpec.lazy_adam) gets RowSparseAdam, whose step costs O(touched rows × d);
@@ -88,7 +94,11 @@ def build_engine(model: nn.Module, lr: float, total_steps: int, warmup_steps: in
                              f"with {replicas} replicas; got bf16={bf16}, offload_optimizer={offload_optimizer}, "
                              f"zero_stage={zero_stage}")
         zero_stage = 0  # one replica: ZeRO partitions nothing, and its flat buffers would make gradients dense
-        optimizer = RowSparseAdam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+        sharded = mpu is not None and mpu.get_model_parallel_world_size() > 1
+        optimizer = RowSparseAdam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+                                  max_grad_norm=grad_clip_norm,
+                                  norm_group=mpu.get_model_parallel_group() if sharded else None,
+                                  counts_shared=not sharded or mpu.get_model_parallel_rank() == 0)
     else:
         # fused: torch's single-tensor Adam builds its denominator out of place, two temporaries the size of the
         # largest parameter (2 x 2.25 GiB per rank at 1M latents on 2 shards); the fused kernel has none.
@@ -98,7 +108,8 @@ def build_engine(model: nn.Module, lr: float, total_steps: int, warmup_steps: in
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(
             zero_stage, bf16, gradient_accumulation_steps, offload_optimizer,
-            pin_memory=next(model.parameters()).device.type == "cuda"),
+            pin_memory=next(model.parameters()).device.type == "cuda",
+            gradient_clipping=0.0 if sparse else grad_clip_norm),
         mpu=mpu,
         lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule))
     if zero_stage == 0 and replicas == 1:

@@ -263,6 +263,11 @@ class SparseAutoencoder(nn.Module):
         if cfg.normalize_inputs:
             self.register_buffer("input_norm_factor", torch.ones((), device=device, dtype=torch.float32))
         self.mesh.all_reduce_shared_grad(self.b_dec)
+        # Per-latent parameters: each shard holds its own slice, so the global gradient norm (the clip of
+        # training.grad_clip_norm) adds their norms over the shards; DeepSpeed and RowSparseAdam read this mark.
+        for name in LATENT_PARAMETERS:
+            if hasattr(self, name):
+                getattr(self, name).model_parallel = True
 
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()

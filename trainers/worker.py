@@ -80,7 +80,8 @@ def _build(spec: JobSpec, index: int, sample: np.ndarray, device: torch.device, 
                           warmup_steps=-(-spec.training.warmup_steps // accumulation),  # batches → optimizer steps
                           zero_stage=spec.cluster.zero_stage, bf16=bf16,
                           mpu=mesh if mesh.world > 1 else None, gradient_accumulation_steps=accumulation,
-                          offload_optimizer=spec.cluster.offload_optimizer)
+                          offload_optimizer=spec.cluster.offload_optimizer,
+                          grad_clip_norm=spec.training.grad_clip_norm)
     tracker = FiringTracker(sae.latent_stop - sae.latent_start, spec.dead_window_tokens(index), device=device)
     return Dictionary(spec.dictionary_name(index), spec.hook_of(index).name, sae, engine, tracker, info,
                       _target_name(spec, index))

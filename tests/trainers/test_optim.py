@@ -54,3 +54,33 @@ def test_dense_gradients_get_plain_adam():
         lazy.step()
     torch.testing.assert_close(ours.detach(), dense.detach())
     assert float(lazy.state[ours]["step"]) == 4
+
+
+def test_clipping_equals_clip_grad_norm_then_adam():
+    """max_grad_norm: the global norm over sparse and dense gradients, applied as torch's clip_grad_norm_ would."""
+    generator = torch.Generator().manual_seed(3)
+    weights, bias = torch.randn(40, 6, generator=generator, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    dense = [torch.nn.Parameter(weights.clone()), torch.nn.Parameter(bias.clone())]
+    ours = [torch.nn.Parameter(weights.clone()), torch.nn.Parameter(bias.clone())]
+    adam = torch.optim.Adam(dense, lr=1e-2, eps=1e-8)
+    lazy = RowSparseAdam(ours, lr=1e-2, eps=1e-8, chunk_rows=9, max_grad_norm=0.5)
+    for step in range(4):
+        grads = [torch.randn(40, 6, generator=generator, dtype=torch.float64) * (step + 1),
+                 torch.randn(6, generator=generator, dtype=torch.float64)]
+        dense[0].grad, dense[1].grad = grads[0].clone(), grads[1].clone()
+        ours[0].grad, ours[1].grad = _sparse(grads[0], torch.arange(40)), grads[1].clone()
+        norm = torch.nn.utils.clip_grad_norm_(dense, 0.5)
+        adam.step()
+        lazy.step()
+        assert abs(lazy._global_grad_norm - float(norm)) < 1e-9 * float(norm)
+    for mine, reference in zip(ours, dense, strict=True):
+        torch.testing.assert_close(mine.detach(), reference.detach())
+
+
+def test_no_clipping_below_the_norm():
+    param = torch.nn.Parameter(torch.ones(5, 3))
+    lazy = RowSparseAdam([param], lr=1e-2, max_grad_norm=100.0)
+    param.grad = _sparse(torch.full((5, 3), 0.1), torch.tensor([1, 4]))
+    assert lazy._clip_scale({param: (torch.tensor([1, 4]), torch.full((2, 3), 0.1))}) is None
+    lazy.step()
+    assert lazy._global_grad_norm < 100
