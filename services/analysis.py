@@ -5,11 +5,16 @@ Runs at the end of a job (services/runner.py, when `analysis.enabled`) and on de
 and cut at the deepest hooked layer (services/models.py), the held-out documents of `data.holdout_fraction`
 packed into the same windows as training (services/windows.TokenWindows), every hook captured in one forward —
 and the dictionaries as exported (`<output>/dictionaries/<name>`, SAELens layout; sparsify when that is the only
-export). A sharded dictionary is analysed from that export, the full dictionary gathered by rank 0 at the end
-of training: the encoder runs chunked over latents (trainers.kernels.topk_encode keeps a running top-k, so
-memory is tokens × chunk, not tokens × latents), and the per-latent state is the bound that matters
-(trainers/analysis.py). One process streams the slice; a dictionary whose weights do not fit one worker's
-memory is not analysed (the shards' own encoders are not reused here).
+export). The encoder runs chunked over latents (trainers.kernels.topk_encode keeps a running top-k, so memory
+is tokens × chunk, not tokens × latents), and the per-latent state is the bound that matters (trainers/analysis.py).
+
+A dictionary trained on `cluster.latent_shards` = S > 1 shards is encoded on its shards: S Ray actors
+(`ShardEncoder`) each hold their latent slice of the export and encode every batch — the encoder product, the
+one cost that grows with tokens × latents × d, runs S-way in parallel — and the driver merges their codes as
+training's selection across shards does (TopK/AbsTopK: the global top-k of every shard's candidates; JumpReLU
+and ReLU codes need no merge). The codes, and so every statistic, are the ones one process would compute
+(tests/test_sharded_job.py compares the two). The per-latent statistics stay with the driver, bounded as
+trainers/analysis.py states, and so do the decoder-side tables (logit effects, neighbours), which need W_dec only.
 
 The math is in trainers/analysis.py, the files in storage/analysis.py.
 """
@@ -77,12 +82,103 @@ def analysis_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class ShardEncoder:
+    """One latent shard's encoder in the analysis stage (a Ray actor): the slice [start, stop) of an exported
+    dictionary, encoding batches into codes with global latent indices."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], start: int, architecture: str, k: int | None):
+        self.device = analysis_device()
+        self.tensors = {key: value.to(self.device) for key, value in tensors.items()}
+        self.start, self.architecture, self.k = start, architecture, k
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            values, indices = sparse_code(torch.from_numpy(x).to(self.device), self.tensors, self.architecture,
+                                          self.k)
+        return values.float().cpu().numpy(), (indices + self.start).cpu().numpy()
+
+
+def shard_slices(tensors: dict[str, torch.Tensor], shards: int) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    """(first latent, tensors of the slice) of each of `shards` equal latent ranges (the training layout,
+    trainers.parallel.ShardMesh.latent_range). SAELens layout: W_enc [d, M], W_dec [M, d], per-latent vectors."""
+    latents = tensors["W_dec"].shape[0]
+    if latents % shards:
+        raise ValueError(f"latents ({latents}) must be divisible by cluster.latent_shards ({shards})")
+    size = latents // shards
+    slices = []
+    for shard in range(shards):
+        lo, hi = shard * size, (shard + 1) * size
+        part = {"W_enc": tensors["W_enc"][:, lo:hi].contiguous(), "b_enc": tensors["b_enc"][lo:hi].contiguous(),
+                "b_dec": tensors["b_dec"]}
+        if "threshold" in tensors:
+            part["threshold"] = tensors["threshold"][lo:hi].contiguous()
+        slices.append((lo, part))
+    return slices
+
+
+class ShardedCode:
+    """The codes of a dictionary encoded on S ShardEncoder actors, merged as one process's would be."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], architecture: str, k: int | None, shards: int):
+        import ray
+
+        actor = ray.remote(num_cpus=1)(ShardEncoder)
+        self.architecture, self.k = architecture, k
+        self.actors = [actor.remote({key: value.cpu() for key, value in part.items()}, start, architecture, k)
+                       for start, part in shard_slices(tensors, shards)]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import ray
+
+        ref = ray.put(x.float().cpu().numpy())  # once in the object store, read by every shard
+        parts = ray.get([actor.encode.remote(ref) for actor in self.actors])
+        # torch.tensor copies: the arrays are read-only object-store memory, and small ([N, k] per shard)
+        values = torch.cat([torch.tensor(v) for v, _ in parts], dim=1).to(x.device)
+        indices = torch.cat([torch.tensor(i) for _, i in parts], dim=1).to(x.device)
+        if self.architecture in ("topk", "abstopk") and values.shape[1] > self.k:
+            scores = values.abs() if self.architecture == "abstopk" else values
+            kept = scores.topk(int(self.k), dim=1, sorted=False).indices
+            values, indices = values.gather(1, kept), indices.gather(1, kept)
+        return values, indices
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
 def analyze_job(spec: JobSpec, output_uri: str, names: list[str] | None = None,
                 on_progress: ProgressCallback | None = None, run_ids: dict[str, str] | None = None,
-                device: torch.device | str | None = None, job_id: str | None = None) -> dict[str, dict[str, Any]]:
+                device: torch.device | str | None = None, job_id: str | None = None,
+                shards: int | None = None) -> dict[str, dict[str, Any]]:
     """Analyse the job's dictionaries (all, or `names`); returns {name: manifest}. Writes
-    `<output>/analysis/<name>/` for each (storage/analysis.py)."""
+    `<output>/analysis/<name>/` for each (storage/analysis.py). `shards`: encode each dictionary on this many
+    ShardEncoder actors (default: the job's cluster.latent_shards; 1: in this process). Shards need Ray: the
+    connected cluster, or a local one started here for the analysis and stopped after it."""
     started = time.perf_counter()
+    shards = spec.cluster.latent_shards if shards is None else shards
+    started_ray = False
+    if shards > 1:
+        from services.runner import _connect
+
+        started_ray = _connect(spec, quiet=True)
+    encoders: list[ShardedCode] = []  # closed however the analysis ends
+    try:
+        return _analyze(spec, output_uri, names, on_progress, run_ids, device, job_id, shards, encoders, started)
+    finally:
+        for encoder in encoders:
+            encoder.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _analyze(spec: JobSpec, output_uri: str, names: list[str] | None, on_progress: ProgressCallback | None,
+             run_ids: dict[str, str] | None, device: torch.device | str | None, job_id: str | None, shards: int,
+             encoders: list[ShardedCode], started: float) -> dict[str, dict[str, Any]]:
     settings = spec.analysis
     device = torch.device(device) if device is not None else analysis_device()
     all_names = [spec.dictionary_name(i) for i in range(len(spec.dictionaries))]
@@ -108,8 +204,12 @@ def analyze_job(spec: JobSpec, output_uri: str, names: list[str] | None = None,
         tensors = {key: value.to(device) for key, value in tensors.items()}
         stats = LatentStatistics(tensors["W_dec"].shape[0], settings.top_n, settings.context_before,
                                  settings.context_after, device=device)
+        sharded = ShardedCode(tensors, architecture, k, shards) if shards > 1 else None
+        if sharded is not None:  # the driver keeps the decoder side only (logit effects, neighbours)
+            encoders.append(sharded)
+            tensors = {"W_dec": tensors["W_dec"]}
         dictionaries[name] = {"tensors": tensors, "architecture": architecture, "k": k, "stats": stats,
-                              "hook": spec.hook_of(i), "firings": []}
+                              "hook": spec.hook_of(i), "firings": [], "shards": sharded}
 
     per_forward = max(1, spec.training.batch_tokens // context)
     all_tokens: list[np.ndarray] = []
@@ -127,7 +227,10 @@ def analyze_job(spec: JobSpec, output_uri: str, names: list[str] | None = None,
             run_blocks(lm, torch.from_numpy(stacked))
             for entry in dictionaries.values():
                 x = captured[entry["hook"].name].reshape(-1, lm.d_model).float()
-                values, indices = sparse_code(x, entry["tensors"], entry["architecture"], entry["k"])
+                if entry["shards"] is not None:
+                    values, indices = entry["shards"].encode(x)
+                else:
+                    values, indices = sparse_code(x, entry["tensors"], entry["architecture"], entry["k"])
                 entry["stats"].update(values, indices, done, context, keep)
                 if settings.delphi_cache:
                     entry["firings"].append(_firings(values, indices, keep, done, context))
@@ -142,6 +245,8 @@ def analyze_job(spec: JobSpec, output_uri: str, names: list[str] | None = None,
         raise ValueError("analysis: the held-out documents fill no context window; use more data or a larger "
                          "data.holdout_fraction")
     tokens = np.concatenate(all_tokens)  # [windows, context]
+    for encoder in encoders:  # the streaming is over: free the shards' CPUs and memory before the tables
+        encoder.close()
 
     W_U = lm.model.get_output_embeddings().weight.detach()
     norm_weight, centre = final_norm(lm.model)
@@ -163,6 +268,7 @@ def analyze_job(spec: JobSpec, output_uri: str, names: list[str] | None = None,
             "logit_effects": "W_U · (final-norm weight ⊙ W_dec,i); the norm's 1/RMS left out",
             "mlflow_run_id": (run_ids or {}).get(name), "seconds": round(time.perf_counter() - started, 3),
             "forward_seconds": round(forward_seconds, 3), "state_bytes": stats.bytes(),
+            "encoded_on": f"{shards} latent shards (Ray actors)" if entry["shards"] is not None else "one process",
         }
         latents, examples, vocabulary = _tables(stats, tokens, effects, cos, neighbours, lm.tokenizer)
         write_analysis(uri, latents, examples, vocabulary, manifest)
