@@ -122,7 +122,9 @@ class ShardedCode:
     def __init__(self, tensors: dict[str, torch.Tensor], architecture: str, k: int | None, shards: int):
         import ray
 
-        actor = ray.remote(num_cpus=1)(ShardEncoder)
+        # a GPU each where the cluster has one per shard (training's GPUs are free again by now), else CPUs
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= shards else 0
+        actor = ray.remote(num_cpus=1, num_gpus=gpus)(ShardEncoder)
         self.architecture, self.k = architecture, k
         self.actors = [actor.remote({key: value.cpu() for key, value in part.items()}, start, architecture, k)
                        for start, part in shard_slices(tensors, shards)]
