@@ -510,9 +510,10 @@ def _example_html(example: dict[str, Any], scale: float, mark_peak: bool, css_cl
     """The context, each token shaded by the latent's activation on it; the example's own token outlined."""
     spans = []
     for i, t in enumerate(example["tokens"]):
-        alpha = min(max(t["activation"] / scale, 0.0), 1.0) if scale > 0 else 0.0
+        alpha = min(abs(t["activation"]) / scale, 1.0) if scale > 0 else 0.0
+        colour = "255,110,0" if t["activation"] >= 0 else "0,110,255"  # AbsTopK's negative codes in blue
         cls = "tok peak" if mark_peak and i == example["index"] else "tok"
-        spans.append(f"<span class='{cls}' style='background:rgba(255,110,0,{alpha:.3f})' "
+        spans.append(f"<span class='{cls}' style='background:rgba({colour},{alpha:.3f})' "
                      f"data-activation='{t['activation']:.5g}' title='{t['activation']:.4g}'>"
                      f"{html.escape(t['text'])}</span>")
     return (f"<div class='example {css_class}'><span class='muted'>{example['activation']:.4g} │ </span>"

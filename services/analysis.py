@@ -205,7 +205,7 @@ def _analyze(spec: JobSpec, output_uri: str, names: list[str] | None, on_progres
         tensors, architecture, k = load_dictionary(output_uri, name)
         tensors = {key: value.to(device) for key, value in tensors.items()}
         stats = LatentStatistics(tensors["W_dec"].shape[0], settings.top_n, settings.context_before,
-                                 settings.context_after, device=device)
+                                 settings.context_after, device=device, signed=architecture == "abstopk")
         sharded = ShardedCode(tensors, architecture, k, shards) if shards > 1 else None
         if sharded is not None:  # the driver keeps the decoder side only (logit effects, neighbours)
             encoders.append(sharded)
@@ -262,6 +262,7 @@ def _analyze(spec: JobSpec, output_uri: str, names: list[str] | None, on_progres
             "dictionary": name, "job_id": job_id or output_uri.rstrip("/").split("/")[-1], "model": spec.model.label,
             "hook": entry["hook"].name,
             "architecture": entry["architecture"], "k": entry["k"], "latents": stats.latents,
+            "signed": stats.signed,  # AbsTopK: top examples, max_activation and the histogram by |activation|
             "tokens": stats.tokens, "windows": len(tokens), "context_length": context,
             "top_n": settings.top_n, "context_before": settings.context_before,
             "context_after": settings.context_after, "bins": stats.bins, "dense_frequency": DENSE_FREQUENCY,
@@ -289,7 +290,7 @@ def _analyze(spec: JobSpec, output_uri: str, names: list[str] | None, on_progres
 def _firings(values: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor, first: int, context: int) -> np.ndarray:
     """[n, 4] float64 (window, position, latent, activation) of a batch's firings (delphi's locations)."""
     values = values.float() * keep[:, None]
-    token, slot = torch.nonzero(values > 0, as_tuple=True)
+    token, slot = torch.nonzero(values != 0, as_tuple=True)  # a zero code is no firing (AbsTopK's are signed)
     flat = (token + first).double()
     return torch.stack([torch.div(flat, context, rounding_mode="floor"), flat % context,
                         indices[token, slot].double(), values[token, slot].double()], 1).cpu().numpy()

@@ -152,10 +152,13 @@ class LatentStatistics:
     """Streaming per-latent statistics of one dictionary (see the module docstring)."""
 
     def __init__(self, latents: int, top_n: int = 20, before: int = 24, after: int = 8, bins: int = 32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", signed: bool = False):
+        """`signed` (AbsTopK codes, either sign): a nonzero code is a firing; the top examples, the maximum and
+        the histogram go by |activation|, the examples and the mean keep the sign."""
         if bins & (bins - 1) or bins < 2:
             raise ValueError(f"bins must be a power of two ≥ 2; got {bins}")
         self.latents, self.top_n, self.before, self.after, self.bins = latents, top_n, before, after, bins
+        self.signed = signed
         context = before + 1 + after
         self.count = torch.zeros(latents, dtype=torch.long, device=device)
         self.total = torch.zeros(latents, dtype=torch.float64, device=device)
@@ -184,18 +187,19 @@ class LatentStatistics:
     def _update(self, values: Tensor, indices: Tensor, first_position: int, window: int, keep: Tensor) -> None:
         values = values.float() * keep[:, None]
         self.tokens += int(keep.sum())
-        token, slot = torch.nonzero(values > 0, as_tuple=True)
+        token, slot = torch.nonzero(values != 0 if self.signed else values > 0, as_tuple=True)
         latents, acts = indices[token, slot].long(), values[token, slot]
         if latents.numel() == 0:
             return
+        magnitude = acts.abs() if self.signed else acts
         self.count.index_add_(0, latents, torch.ones_like(latents))
         self.total.index_add_(0, latents, acts.double())
-        self.max.scatter_reduce_(0, latents, acts, reduce="amax")
-        self._histogram(latents, acts)
+        self.max.scatter_reduce_(0, latents, magnitude, reduce="amax")
+        self._histogram(latents, magnitude)
         positions = token + first_position
         keys = sample_keys(positions, latents)
         lookup = BatchLookup(token, latents, acts, self.latents, len(values), window)
-        for slots, scores in ((self.top, acts), (self.sample, keys)):
+        for slots, scores in ((self.top, magnitude), (self.sample, keys)):
             chosen = slots.candidates(latents, scores)
             entered, rows, slot = slots.merge(latents[chosen], scores[chosen], acts[chosen], positions[chosen])
             entered = chosen[entered]
@@ -232,10 +236,11 @@ class LatentStatistics:
         return self.top.sorted()
 
     def quantile_examples(self) -> TopSlots:
-        """The sampled firings, sorted by activation (descending) per latent; empty slots last."""
+        """The sampled firings, sorted by activation (descending; signed: by |activation|) per latent; empty
+        slots last."""
         filled = self.sample.positions >= 0
-        by_value = TopSlots(torch.where(filled, self.sample.values, torch.full_like(self.sample.values,
-                                                                                   float("-inf"))),
+        order_by = self.sample.values.abs() if self.signed else self.sample.values
+        by_value = TopSlots(torch.where(filled, order_by, torch.full_like(self.sample.values, float("-inf"))),
                             self.sample.values, self.sample.positions, self.sample.contexts)
         return by_value.sorted()
 

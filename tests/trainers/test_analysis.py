@@ -90,6 +90,37 @@ def test_the_quantile_sample_is_the_firings_with_the_largest_keys_sorted_by_acti
                                        _context(z, position, latent), atol=4e-3, rtol=2e-3)
 
 
+def test_signed_codes_fire_either_way_and_rank_by_magnitude():
+    """AbsTopK: a negative code is a firing; count, mean (signed), max |a|, the histogram's range and the top-N
+    (by |a|, values keeping their sign) against a dense computation."""
+    stats = LatentStatistics(M, top_n=N, before=BEFORE, after=AFTER, bins=8, signed=True)
+    dense, position = [], 0
+    g = torch.Generator().manual_seed(7)
+    for values, indices, keep in _batches(3):
+        values = values * torch.where(torch.rand(values.shape, generator=g) < 0.5, -1.0, 1.0)
+        stats.update(values, indices, position, WINDOW, keep)
+        dense.append(torch.zeros(len(values), M).scatter_(1, indices, values * keep[:, None]))
+        position += len(values)
+    z = torch.cat(dense)
+    fires = z != 0
+    assert bool((z < 0).any()), "the case has negative codes"
+    assert torch.equal(stats.count, fires.sum(0))
+    assert torch.allclose(stats.max, z.abs().max(0).values)
+    mean = torch.where(fires.sum(0) > 0, z.sum(0).double() / fires.sum(0).clamp_min(1), torch.zeros(M).double())
+    assert torch.allclose(stats.mean(), mean, atol=1e-6)
+    assert torch.equal(stats.histogram.sum(1), stats.count)
+    top = stats.top_examples()
+    for latent in range(M):
+        column = z[:, latent]
+        fired = torch.nonzero(column != 0).squeeze(1)
+        best = fired[torch.argsort(column[fired].abs(), descending=True)][:N]
+        assert top.positions[latent][: len(best)].tolist() == best.tolist(), f"latent {latent}: top differs"
+        assert torch.allclose(top.values[latent, : len(best)], column[best])  # the sign kept
+        sample = stats.quantile_examples().values[latent]
+        magnitudes = sample[stats.quantile_examples().positions[latent] >= 0].abs()
+        assert torch.all(magnitudes[:-1] >= magnitudes[1:]), "quantile examples are sorted by |activation|"
+
+
 def test_sample_keys_look_uniform():
     keys = sample_keys(torch.arange(200_000), torch.arange(200_000) % 7)
     assert 0 <= float(keys.min()) and float(keys.max()) < 1
