@@ -38,6 +38,8 @@ from storage.analysis import analysis_uri, fixed_lists, write_analysis, write_de
 from storage.export import SAELENS_CONFIG, SPARSIFY_WEIGHTS, load_saelens
 from storage.uri import filesystem, join
 from trainers.analysis import LatentStatistics, logit_effects, nearest_latents, sparse_code
+from trainers.kernels import select_topk
+from trainers.parallel import ShardMesh
 
 DENSE_FREQUENCY = 0.1  # FIELD-NOTES: dense = fires on more than 10% of tokens
 ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens planned)
@@ -99,15 +101,12 @@ class ShardEncoder:
 
 
 def shard_slices(tensors: dict[str, torch.Tensor], shards: int) -> list[tuple[int, dict[str, torch.Tensor]]]:
-    """(first latent, tensors of the slice) of each of `shards` equal latent ranges (the training layout,
-    trainers.parallel.ShardMesh.latent_range). SAELens layout: W_enc [d, M], W_dec [M, d], per-latent vectors."""
+    """(first latent, tensors of the slice) of each shard's latent range, as training split them
+    (ShardMesh.latent_range). SAELens layout: W_enc [d, M], W_dec [M, d], per-latent vectors."""
     latents = tensors["W_dec"].shape[0]
-    if latents % shards:
-        raise ValueError(f"latents ({latents}) must be divisible by cluster.latent_shards ({shards})")
-    size = latents // shards
     slices = []
     for shard in range(shards):
-        lo, hi = shard * size, (shard + 1) * size
+        lo, hi = ShardMesh(world=shards, rank=shard, shards=shards).latent_range(latents)
         part = {"W_enc": tensors["W_enc"][:, lo:hi].contiguous(), "b_enc": tensors["b_enc"][lo:hi].contiguous(),
                 "b_dec": tensors["b_dec"]}
         if "threshold" in tensors:
@@ -137,10 +136,8 @@ class ShardedCode:
         # torch.tensor copies: the arrays are read-only object-store memory, and small ([N, k] per shard)
         values = torch.cat([torch.tensor(v) for v, _ in parts], dim=1).to(x.device)
         indices = torch.cat([torch.tensor(i) for _, i in parts], dim=1).to(x.device)
-        if self.architecture in ("topk", "abstopk") and values.shape[1] > self.k:
-            scores = values.abs() if self.architecture == "abstopk" else values
-            kept = scores.topk(int(self.k), dim=1, sorted=False).indices
-            values, indices = values.gather(1, kept), indices.gather(1, kept)
+        if self.architecture in ("topk", "abstopk"):
+            return select_topk(values, indices, int(self.k), by_magnitude=self.architecture == "abstopk")
         return values, indices
 
     def close(self) -> None:
@@ -163,9 +160,9 @@ def analyze_job(spec: JobSpec, output_uri: str, names: list[str] | None = None,
     shards = spec.cluster.latent_shards if shards is None else shards
     started_ray = False
     if shards > 1:
-        from services.runner import _connect
+        from services.runner import connect_ray
 
-        started_ray = _connect(spec, quiet=True)
+        started_ray = connect_ray(spec, quiet=True)
     encoders: list[ShardedCode] = []  # closed however the analysis ends
     try:
         return _analyze(spec, output_uri, names, on_progress, run_ids, device, job_id, shards, encoders, started)

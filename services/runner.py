@@ -81,7 +81,7 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update=updates)
 
 
-def _connect(spec: JobSpec, quiet: bool) -> bool:
+def connect_ray(spec: JobSpec, quiet: bool) -> bool:
     """Join the cluster (spec, then RAY_ADDRESS) or start a local Ray; True when this call started it."""
     if ray.is_initialized():
         return False
@@ -159,7 +159,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, quiet: bool = False,
     with tempfile.TemporaryDirectory() as scratch:
         (Path(scratch) / "job.yaml").write_text(spec_yaml)
         tracking.log_artifact(parent, str(Path(scratch) / "job.yaml"))
-    started_ray = _connect(spec, quiet)
+    started_ray = connect_ray(spec, quiet)
     actors: list = []
     try:
         result, stopped = _run(spec, job_id, output_uri, tracking, actors, on_progress, stop_at_step)
