@@ -153,24 +153,22 @@ def command_analyze(args: argparse.Namespace) -> int:
     except JobSpecError as error:
         print(error, file=sys.stderr)
         return 2
-    bar: dict = {}
+    on_progress, close = None, lambda: None
+    if not args.quiet:  # the bar `saeforge run` shows for its analysis phase
+        from services.runner import Progress
 
-    def show(done: int, total: int) -> None:
-        from tqdm import tqdm
+        show, close = _progress_printer()
 
-        if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, unit="tok", unit_scale=True, desc="analysis", dynamic_ncols=True)
-        bar["bar"].total = total  # the held-out slice may end before --tokens
-        bar["bar"].update(done - bar["bar"].n)
+        def on_progress(done: int, total: int) -> None:
+            show(Progress(done, total, 0.0, {}, phase="analysis"))
 
     try:
-        manifests = analyze_job(spec, output, names=args.dictionary, on_progress=None if args.quiet else show)
+        manifests = analyze_job(spec, output, names=args.dictionary, on_progress=on_progress)
     except (ValueError, FileNotFoundError) as error:
         print(f"saeforge analyze: {error}", file=sys.stderr)
         return 2
     finally:
-        if "bar" in bar:
-            bar["bar"].close()
+        close()
     job_id = Path(path).name
     for name, m in manifests.items():
         print(f"dictionary {name}: {m['tokens']:,} tokens, {m['latents']:,} latents analysed in {m['seconds']:.1f} s "
